@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""Build a SentencePiece BPE tokenizer and challenge-format shards from your own text.
+
+Inputs (files or directories, read in the order given; directories recursively, files sorted by path):
+  *.jsonl / *.ndjson / *.json  one JSON object per line; the document is its "text" field (--text-field)
+  *.txt / *.text / *.md / *.rst and any other file named explicitly: plain UTF-8 text; by default
+                               documents are separated by one or more blank lines (--text-docs)
+  Any file may be gzip-compressed (detected by content, usually named *.gz). Whitespace-only
+  documents are skipped. Hidden files and unknown extensions inside directories are ignored.
+
+Output in --out DIR: <prefix>_val_000000.bin, ..., <prefix>_train_000000.bin, ... (the shard format that
+train_gpt.py reads: 256 int32 header + uint16 tokens; every document is BOS (id 1) + its tokens, no EOS;
+the first --val-docs documents go to validation), manifest.json with the counts and the tokenizer's
+sha256, and, when a tokenizer is trained, DIR/tokenizer.model + .vocab (or --tokenizer-out).
+The tokenizer is trained on training documents only, single-threaded with a fixed seed: reruns on
+the same input give byte-identical files. Nothing is replaced until the whole build has succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+import train_gpt  # noqa: E402  (shard format constants, the shard reader, UserError)
+from train_gpt import UserError  # noqa: E402
+
+BOS_ID = 1
+MAX_VOCAB = 1 << 16  # token ids are stored as uint16
+# Settings of the published challenge tokenizer (shared/tokenizers/README.md); byte_fallback is an option.
+SP_SETTINGS = dict(model_type="bpe", character_coverage=0.999, normalization_rule_name="nmt_nfkc",
+                   add_dummy_prefix=False, split_digits=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3)
+SP_SEED = 1337
+TEXT_EXT = (".txt", ".text", ".md", ".rst")
+JSONL_EXT = (".jsonl", ".ndjson", ".json")
+CHUNK_CHARS = 1 << 20  # text per encoding task
+
+
+# ----------------------------------------------------------------------------- reading documents
+def _kind(path: Path) -> str | None:
+    name = path.name.lower().removesuffix(".gz")
+    return "jsonl" if name.endswith(JSONL_EXT) else "text" if name.endswith(TEXT_EXT) else None
+
+
+def list_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand directories (recursively, sorted) into input files; keep explicit files as given."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f)
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UserError(f"{p}: no .txt/.jsonl (optionally .gz) files in this directory")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such file or directory")
+    return files
+
+
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    buf: list[str] = []
+    for line in lines:
+        if line.strip():
+            buf.append(line.rstrip("\n"))
+        elif buf:
+            yield "\n".join(buf)
+            buf = []
+    if buf:
+        yield "\n".join(buf)
+
+
+def _jsonl(lines: Iterable[str], path: Path, field: str) -> Iterator[str]:
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        text = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f'{path}:{i}: no string field "{field}" (choose another with --text-field)')
+        yield text
+
+
+def iter_documents(files: Iterable[Path], text_docs: str = "blank-line", text_field: str = "text") -> Iterator[str]:
+    """All non-empty documents of the input files, in order."""
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                gz = f.read(2) == b"\x1f\x8b"
+            with io.TextIOWrapper(gzip.open(path) if gz else open(path, "rb"), encoding="utf-8") as f:
+                if _kind(path) == "jsonl":
+                    docs = _jsonl(f, path, text_field)
+                else:
+                    docs = {"file": lambda: iter([f.read()]), "line": lambda: (l.rstrip("\n") for l in f),
+                            "blank-line": lambda: _paragraphs(f)}[text_docs]()
+                yield from (d for d in docs if d.strip())
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not valid UTF-8 text") from None
+        except (OSError, EOFError) as e:  # includes gzip.BadGzipFile and truncated gzip streams
+            raise UserError(f"{path}: cannot read: {e}") from None
+
+
+# ----------------------------------------------------------------------------- shards
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Write one shard (header + little-endian uint16 tokens) atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.dtype != np.uint16:
+        raise ValueError(f"shard tokens must be uint16, got {tokens.dtype}")
+    if len(tokens) >= 1 << 31:
+        raise ValueError("too many tokens for one shard (header holds an int32)")
+    header = np.zeros(train_gpt.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, len(tokens)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Cuts a split's token stream into shards of `shard_tokens` tokens (the last one shorter)."""
+
+    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int):
+        self.out_dir, self.prefix = out_dir, prefix
+        self.buf = np.empty(shard_tokens, dtype=np.uint16)  # pages are only committed when touched
+        self.fill, self.split = 0, "val"
+        self.shards: dict[str, list[dict]] = {"val": [], "train": []}
+
+    def add(self, split: str, tokens: np.ndarray) -> None:
+        if split != self.split:
+            self.flush()
+            self.split = split
+        pos = 0
+        while pos < len(tokens):
+            take = min(len(self.buf) - self.fill, len(tokens) - pos)
+            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.fill, pos = self.fill + take, pos + take
+            if self.fill == len(self.buf):
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill:
+            name = f"{self.prefix}_{self.split}_{len(self.shards[self.split]):06d}.bin"
+            write_shard(self.out_dir / name, self.buf[:self.fill])
+            self.shards[self.split].append({"file": name, "tokens": self.fill})
+            self.fill = 0
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(docs: Iterable[str], vocab_size: int, *, byte_fallback: bool = False,
+                    max_chars: int = 0, progress: bool = True) -> bytes:
+    """Train a BPE model with the challenge settings on the lines of `docs`; return the model bytes.
+
+    Deterministic: one thread, fixed seed, no sampling (input is cut at `max_chars` in order).
+    """
+    check_vocab_size(vocab_size)
+    failure: list[BaseException] = []
+    stats = {"chars": 0}
+
+    def sentences() -> Iterator[str]:
+        try:
+            for doc in tqdm(docs, desc="tokenizer input", unit=" doc", disable=None if progress else True, leave=False):
+                for line in doc.split("\n"):
+                    line = line.strip()
+                    if line:
+                        stats["chars"] += len(line)
+                        yield line
+                if max_chars and stats["chars"] >= max_chars:
+                    return
+        except BaseException as e:  # surfaced after training; never let the C++ side swallow it
+            failure.append(e)
+
+    spm.set_random_generator_seed(SP_SEED)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, byte_fallback=byte_fallback,
+            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 14,
+            minloglevel=2, **SP_SETTINGS)
+    except RuntimeError as e:
+        if failure:
+            raise failure[0]
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise UserError(f"sentencepiece training failed: {msg.split('] ')[-1]}") from None
+    if failure:
+        raise failure[0]
+    if stats["chars"] == 0:
+        raise UserError("no text to train the tokenizer on (all documents are validation documents?)")
+    return model.getvalue()
+
+
+def check_vocab_size(n: int) -> None:
+    if n > MAX_VOCAB:
+        raise UserError(f"vocab size {n} does not fit uint16 token storage (at most {MAX_VOCAB})")
+    if n < 8:
+        raise UserError(f"vocab size {n} is too small")
+
+
+def vocab_text(model: bytes) -> str:
+    """The .vocab file SentencePiece writes beside a model: piece<TAB>score per line."""
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- encoding
+_SP: spm.SentencePieceProcessor | None = None
+
+
+def _init_worker(model: bytes) -> None:
+    global _SP
+    _SP = spm.SentencePieceProcessor(model_proto=model)
+
+
+def _init_pool_worker(model: bytes) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
+    _init_worker(model)
+
+
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """BOS + tokens of each text, concatenated; plus each document's length in tokens."""
+    ids = _SP.encode(texts, num_threads=1)
+    lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain((BOS_ID,), x) for x in ids),
+                       dtype=np.int32, count=int(lens.sum()))
+    return flat.astype(np.uint16), lens
+
+
+def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def encode_documents(docs: Iterable[str], model: bytes, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encode in a process pool, results in input order, with a bounded number of chunks in flight."""
+    if workers <= 1:
+        _init_worker(model)
+        yield from map(_encode_chunk, _chunks(docs))
+        return
+    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(model,)) as pool:
+        pending: deque = deque()
+        for chunk in _chunks(docs):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------- the build
+def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, prefix: str,
+                  tokenizer: str | Path | None = None, vocab_size: int = 1024, tokenizer_out: str | Path | None = None,
+                  byte_fallback: bool = False, val_docs: int | None = None, shard_tokens: int = 100_000_000,
+                  train_chars: int = 100_000_000, workers: int | None = None, inputs: list[str] | None = None,
+                  progress: bool = True) -> dict:
+    """Tokenizer (trained or given) + shards + manifest.json in out_dir; returns the manifest.
+
+    `docs` is called once per pass over the documents and must yield the same documents each time.
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    if shard_tokens < 1 or shard_tokens >= 1 << 31:
+        raise UserError(f"--shard-tokens must be between 1 and {(1 << 31) - 1}")
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
+    n_docs = sum(1 for _ in tqdm(docs(), desc="scan", unit=" doc", disable=None if progress else True, leave=False))
+    if n_docs == 0:
+        raise UserError("the input has no documents (all files empty or whitespace-only)")
+    if val_docs is None:
+        val_docs = min(50_000, max(1, n_docs // 10))
+    if not 0 <= val_docs < n_docs:
+        raise UserError(f"--val-docs {val_docs} leaves no training documents (the input has {n_docs} documents)")
+
+    if tokenizer is not None:
+        model = Path(tokenizer).read_bytes()
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=model)
+        except RuntimeError:
+            raise UserError(f"{tokenizer}: not a SentencePiece model") from None
+        n_vocab = sp.vocab_size()
+        check_vocab_size(n_vocab)
+        if sp.bos_id() != BOS_ID:
+            raise UserError(f"{tokenizer}: BOS id is {sp.bos_id()}, but challenge shards start documents with id {BOS_ID}")
+        tok_path = Path(tokenizer)
+    else:
+        log(progress, f"training BPE tokenizer, vocab {vocab_size}, on the {n_docs - val_docs} training documents")
+        model = train_tokenizer(itertools.islice(docs(), val_docs, None), vocab_size, byte_fallback=byte_fallback,
+                                max_chars=train_chars, progress=progress)
+        n_vocab = vocab_size
+        tok_path = Path(tokenizer_out) if tokenizer_out else out_dir / "tokenizer.model"
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(os.path.join(out_dir, f".staging-{os.getpid()}"))
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        writer = ShardWriter(stage, prefix, shard_tokens)
+        counts = {"docs": {"val": 0, "train": 0}, "tokens": {"val": 0, "train": 0}}
+        done = 0
+        bar = tqdm(total=n_docs, desc="encode", unit=" doc", disable=None if progress else True, leave=False)
+        for toks, lens in encode_documents(docs(), model, workers or available_cpus()):
+            k = min(max(val_docs - done, 0), len(lens))  # documents of this chunk that go to validation
+            cut = int(lens[:k].sum())
+            for split, part, nd in (("val", toks[:cut], k), ("train", toks[cut:], len(lens) - k)):
+                if nd:
+                    writer.add(split, part)
+                    counts["docs"][split] += nd
+                    counts["tokens"][split] += len(part)
+            done += len(lens)
+            bar.update(len(lens))
+        bar.close()
+        writer.flush()
+        if done != n_docs:
+            raise UserError(f"the input changed while it was read ({n_docs} documents, then {done})")
+
+        # commit: drop the old manifest first, so a crash below leaves no manifest rather than a wrong one
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        if tokenizer is None:
+            tok_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(tok_path.with_suffix(".vocab"), vocab_text(model).encode())
+            atomic_write(tok_path, model)
+        for old in itertools.chain(out_dir.glob(f"{prefix}_train_*.bin"), out_dir.glob(f"{prefix}_val_*.bin")):
+            old.unlink()
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+    manifest = {
+        "format": "parameter-golf shards: 256 x int32 header (magic 20240520, version 1, token count), then uint16 "
+                  "tokens; each document is BOS (1) + its tokens, no EOS",
+        "prefix": prefix,
+        "inputs": list(inputs or []),
+        "tokenizer": {"model": os.path.relpath(tok_path, out_dir), "sha256": hashlib.sha256(model).hexdigest(),
+                      "vocab_size": n_vocab, "trained": tokenizer is None,
+                      **({"byte_fallback": byte_fallback, "train_chars_max": train_chars} if tokenizer is None else {})},
+        "val_docs": val_docs,
+        "shard_tokens": shard_tokens,
+        **counts,
+        "shards": writer.shards,
+    }
+    atomic_write(out_dir / "manifest.json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    log(progress, f"{out_dir}: {counts['docs']['train']:,} train docs / {counts['tokens']['train']:,} tokens in "
+                  f"{len(writer.shards['train'])} shard(s), {counts['docs']['val']:,} val docs / "
+                  f"{counts['tokens']['val']:,} tokens in {len(writer.shards['val'])} shard(s); tokenizer {tok_path} "
+                  f"(vocab {n_vocab}); {time.time() - t0:.1f} s")
+    return manifest
+
+
+def verify_dataset(out_dir: str | Path) -> dict:
+    """Check a built directory against its manifest (shard headers and sizes, tokenizer sha256)."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        tok = out_dir / manifest["tokenizer"]["model"]
+        shards = [(s, out_dir / s["file"]) for split in ("val", "train") for s in manifest["shards"][split]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{out_dir}: no valid manifest.json ({e})") from None
+    if not tok.is_file() or sha256_file(tok) != manifest["tokenizer"]["sha256"]:
+        raise UserError(f"{out_dir}: tokenizer {tok} is missing or differs from the one the shards were built with")
+    for s, path in shards:
+        if train_gpt.read_shard_header(str(path)) != s["tokens"]:
+            raise UserError(f"{path}: token count differs from manifest.json")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- helpers and CLI
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def log(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(msg, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text/JSONL files (optionally gzip) or directories")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for shards and manifest.json")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="MODEL", help="reuse this SentencePiece .model instead of training one")
+    tok.add_argument("--vocab-size", type=int, default=1024, help="vocab size of the trained tokenizer (default 1024)")
+    p.add_argument("--tokenizer-out", metavar="PATH", help="where the trained model goes (default DIR/tokenizer.model)")
+    p.add_argument("--byte-fallback", action="store_true", help="train with byte fallback (no <unk>; 256 byte pieces)")
+    p.add_argument("--train-chars", type=int, default=100_000_000,
+                   help="train the tokenizer on at most this many characters, the first ones of the training "
+                        "documents (default 100M; 0 = all)")
+    p.add_argument("--val-docs", type=int, metavar="K",
+                   help="the first K documents form the validation split (default 10%% of them, at most 50,000)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M, as published)")
+    p.add_argument("--prefix", help="shard name prefix (default: DIR's name up to its first '_', e.g. corpus_sp1024 -> corpus)")
+    p.add_argument("--text-docs", choices=["blank-line", "file", "line"], default="blank-line",
+                   help="how plain-text files split into documents: at blank lines (default), one per file, one per line")
+    p.add_argument("--text-field", default="text", help='JSON field that holds the document (default "text")')
+    p.add_argument("--workers", type=int, default=0, help="encoding processes (default: all CPUs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tokenizer and (args.tokenizer_out or args.byte_fallback):
+        parser.error("--tokenizer-out and --byte-fallback apply only when training a tokenizer (not with --tokenizer)")
+    try:
+        files = list_inputs(args.inputs)
+        out = Path(args.out)
+        build_dataset(lambda: iter_documents(files, args.text_docs, args.text_field), out,
+                      prefix=args.prefix or out.resolve().name.split("_")[0], tokenizer=args.tokenizer,
+                      vocab_size=args.vocab_size, tokenizer_out=args.tokenizer_out, byte_fallback=args.byte_fallback,
+                      val_docs=args.val_docs, shard_tokens=args.shard_tokens, train_chars=args.train_chars,
+                      workers=args.workers, inputs=[str(f) for f in files], progress=not args.quiet)
+    except (UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was replaced", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
