@@ -68,7 +68,7 @@ HPARAMS = [
     # data and schedule
     ("TRAIN_SEQ_LEN", 2048, "training sequence length"),
     ("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of world size"),
-    ("GRAD_ACCUM_STEPS", 0, "micro-batches per rank and step (0 = 8 / world size, as on 8 GPUs)"),
+    ("MICRO_BATCHES", 8, "micro-batches per step over all ranks (each rank runs MICRO_BATCHES / world size)"),
     ("ITERATIONS", 20000, "maximum optimizer steps"),
     ("WARMUP_STEPS", 20, "steps run then undone before training: compiles and warms kernels"),
     ("WARMDOWN_ITERS", 3500, "linear LR decay over the last N steps (measured in wall-clock when capped)"),
@@ -116,7 +116,7 @@ PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
 SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_sample.py), seconds end to end
     DATA_PATH="./data/datasets/stdlib_sp1024", TOKENIZER_PATH="./data/tokenizers/stdlib_1024_bpe.model",
     NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096,
-    ITERATIONS=40, WARMUP_STEPS=2, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0.0, TRAIN_LOG_EVERY=10,
+    MICRO_BATCHES=2, ITERATIONS=40, WARMUP_STEPS=2, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0.0, TRAIN_LOG_EVERY=10,
     MUON_MOMENTUM_WARMUP_STEPS=20, EMA_DECAY=0.9, QUANT_MIN_NUMEL=4096, VAL_MAX_TOKENS=32768, BIGRAM_VOCAB_SIZE=512,
     BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, SIZE_LIMIT_BYTES=16000000,
 )
@@ -168,18 +168,15 @@ def check_hparams(hp: dict, world: int) -> None:
     if hp["EVAL_ONLY"]:
         return
     L = hp["TRAIN_SEQ_LEN"]
-    accum = grad_accum_steps(hp, world)
-    need(hp["TRAIN_BATCH_TOKENS"] % (world * accum * L) == 0,
-         f"TRAIN_BATCH_TOKENS={hp['TRAIN_BATCH_TOKENS']} is not divisible by world size {world} x GRAD_ACCUM_STEPS {accum} x TRAIN_SEQ_LEN {L}")
+    mb = hp["MICRO_BATCHES"]
+    need(mb > 0 and mb % world == 0, f"MICRO_BATCHES={mb} must be a positive multiple of the world size {world}")
+    need(hp["TRAIN_BATCH_TOKENS"] % (mb * L) == 0,
+         f"TRAIN_BATCH_TOKENS={hp['TRAIN_BATCH_TOKENS']} is not divisible by MICRO_BATCHES {mb} x TRAIN_SEQ_LEN {L}")
     need(hp["ITERATIONS"] > 0 and hp["WARMUP_STEPS"] >= 0 and hp["WARMDOWN_ITERS"] >= 0, "ITERATIONS must be positive, WARMUP_STEPS and WARMDOWN_ITERS non-negative")
 
 
 def eval_len(hp):
     return hp["EVAL_SEQ_LEN"] or hp["TRAIN_SEQ_LEN"]
-
-
-def grad_accum_steps(hp, world):
-    return hp["GRAD_ACCUM_STEPS"] or max(1, 8 // world)
 
 
 def ve_layers(hp) -> list[int]:
@@ -814,10 +811,9 @@ def progress(total, desc, rank):
 
 
 @torch.no_grad()
-def evaluate(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval"):
-    """val_loss (nats/token) and val_bpb over all targets of `val` (a device tensor). Windows are split into
-    contiguous ranges per rank and run `batch` at a time (the last batch padded with fully masked windows, so shapes
-    never change); sums are kept on the device in float64 and all-reduced once."""
+def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval") -> Tensor:
+    """This rank's float64 sums (nll, bytes, tokens) over its contiguous share of the windows, `batch` windows per
+    forward pass; the last batch is padded with fully masked windows, so shapes never change."""
     device = val.device
     starts, score = (t.to(device) for t in window_plan(len(val), L, stride))
     per = -(-len(starts) // world)
@@ -828,17 +824,24 @@ def evaluate(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: 
     bar = progress(hi - lo, desc, rank)
     for b in range(lo, hi, batch):
         s, k = starts[b:min(b + batch, hi)], score[b:min(b + batch, hi)]
-        if len(s) < batch:
-            s, k = F.pad(s, (0, batch - len(s))), F.pad(k, (0, batch - len(k)))
+        n = len(s)
+        if n < batch:
+            s, k = F.pad(s, (0, batch - n)), F.pad(k, (0, batch - n))
         tok = val[s[:, None] + offs].long()
         x, y = tok[:, :-1], tok[:, 1:]
         with autocast(device):
             nll = forward(x, y)
         mask = pos[None, :] >= (L - k)[:, None]
-        nbytes = base[y] + (lead[y] & ~bound[x])
+        nbytes = base[y] + (lead[y] & ~bound[x])  # x holds each target's previous token
         sums += torch.stack((torch.where(mask, nll.double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
-        bar.update(len(s) if b + batch <= hi else hi - b)
+        bar.update(n)
     bar.close()
+    return sums
+
+
+def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval") -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together."""
+    sums = eval_sums(forward, val, luts, L, stride, batch, rank, world, desc)
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, byte_sum, count = sums.tolist()
@@ -1010,7 +1013,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
                                               broadcast_buffers=False) if world > 1 else fwd
     opts = build_optimizers(model, hp, rank, world)
     params = list(model.parameters())
-    accum, L, B = grad_accum_steps(hp, world), hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"]
+    accum, L, B = hp["MICRO_BATCHES"] // world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"]
     files = shard_files(hp, "train")
     log(f"train_shards:{len(files)} val_tokens:{len(val)} world_size:{world} grad_accum_steps:{accum} "
         f"micro_batch_seqs:{B // L // world // accum}")
@@ -1063,7 +1066,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     while True:
         loss, mult = step_fn(loader, step, train_ms)
         if ema is not None:
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - hp["EMA_DECAY"])
+            ema_update(ema, params, hp["EMA_DECAY"])
         step += 1
         stats[0], stats[1], stats[2] = train_ms + 1000 * (time.perf_counter() - t0), loss, float(not torch.isfinite(loss))
         if world > 1:
@@ -1108,6 +1111,12 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     result.update(pre_quant_loss=loss, pre_quant_bpb=bpb, model=model)
     return model
+
+
+@torch.no_grad()
+def ema_update(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * w, one fused foreach op over all tensors."""
+    torch._foreach_lerp_(ema, params, 1.0 - decay)
 
 
 def forecast(hp, log, rank, world, model, ema, step):

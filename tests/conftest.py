@@ -1,0 +1,49 @@
+"""Shared fixtures: the embedded sample data, and helpers to run train_gpt.py as a user would."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def sample_data():
+    from data.build_sample import ensure_sample
+    return ensure_sample(ROOT)
+
+
+def run_script(env: dict, tmp: Path, nproc: int = 0, script: str = "train_gpt.py", timeout: int = 600):
+    """Run the script (under torchrun when nproc) with SMOKE defaults plus `env`; returns (rc, stdout, stderr, log)."""
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full.update({"SMOKE": "1", "LOG_DIR": str(tmp), "RUN_ID": "run", "PYTHONUNBUFFERED": "1"})
+    full.update({k: str(v) for k, v in env.items()})
+    if nproc:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", script]
+    else:
+        cmd = [sys.executable, script]
+    p = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
+    log_path = Path(full["LOG_DIR"]) / f"{full['RUN_ID']}.txt"
+    log = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
+    return p.returncode, p.stdout, p.stderr, log
+
+
+def metric(log: str, line: str, key: str = "val_bpb") -> float:
+    m = re.search(rf"^{line} .*\b{key}:([-\d.eE+]+)", log, re.M)
+    assert m, f"no '{line} ... {key}:' line in the log"
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="session")
+def smoke(sample_data, tmp_path_factory):
+    """One real SMOKE run (single process), shared by the tests that read its log and artifact."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    rc, out, err, log = run_script({}, tmp)
+    assert rc == 0, err[-3000:]
+    return dict(dir=tmp, log=log, stdout=out, artifact=tmp / "run.ptz")

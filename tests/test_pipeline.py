@@ -1,0 +1,185 @@
+"""Issue 2: the end-to-end pipeline, its artifact and its bad-input messages."""
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import ROOT, metric, run_script
+
+FINAL_LINES = ["model_params:", "pre_quant_exact val_loss:", "artifact: path=", "code_bytes:", "total_submission_bytes:",
+               "final_roundtrip_exact val_loss:", "final_sliding_exact val_loss:"]
+
+
+def test_smoke_prints_every_final_line_once(smoke):
+    lines = smoke["log"].split("==== end of code ====\n", 1)[1].splitlines()
+    for prefix in FINAL_LINES:
+        assert sum(l.startswith(prefix) for l in lines) == 1, prefix
+    total = next(l for l in lines if l.startswith("total_submission_bytes:"))
+    assert total.endswith(" ok") and "limit:16000000" in total
+    code = (ROOT / "train_gpt.py").read_bytes()
+    assert f"code_bytes:{len(code)}" in lines
+    size = smoke["artifact"].stat().st_size
+    assert f"bytes={size}" in next(l for l in lines if l.startswith("artifact: path="))
+    assert int(total.split()[0].split(":")[1]) == size + len(code)
+    # the log starts with the exact code, then every hyperparameter as name:value
+    assert smoke["log"].split("\n", 1)[1].startswith(code.decode())
+    for name, _, _ in T.HPARAMS:
+        assert any(l.startswith(f"{name.lower()}:") for l in lines), name
+
+
+def test_two_processes_match_one(sample_data, tmp_path):
+    """Same global batch on 1 and 2 gloo ranks. With one thread per process (as torchrun sets) every micro-batch runs
+    the same kernels, g1/2 + g2/2 == (g1 + g2)/2 exactly, and the Muon all-reduce adds only zeros to each slot, so
+    the weights must be bit-identical: any slip in the distributed optimizer or loader shows."""
+    env = dict(ITERATIONS=12, WARMDOWN_ITERS=6, EVAL_STRIDE=0, VAL_MAX_TOKENS=16384, EMA_DECAY=0.8, OMP_NUM_THREADS=1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    rc1, _, err1, log1 = run_script(env | {"LOG_DIR": one}, one, script="tests/dist_worker.py")
+    rc2, _, err2, log2 = run_script(env | {"LOG_DIR": two}, two, nproc=2, script="tests/dist_worker.py")
+    assert rc1 == 0, err1[-2000:]
+    assert rc2 == 0, err2[-2000:]
+    w1 = torch.load(one / "weights_rank0.pt")
+    r0, r1 = torch.load(two / "weights_rank0.pt"), torch.load(two / "weights_rank1.pt")
+    for k in w1:
+        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
+        assert torch.equal(r0[k], w1[k]), f"1 vs 2 processes differ on {k}: {(r0[k] - w1[k]).abs().max():.3g}"
+    assert abs(metric(log1, "final_roundtrip_exact") - metric(log2, "final_roundtrip_exact")) < 1e-3
+
+
+# ---------------------------------------------------------------- artifact
+def tiny_hp(**kw):
+    hp = T.parse_hparams({"SMOKE": "1"})
+    hp.update(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, QUANT_MIN_NUMEL=1000, **kw)
+    return hp
+
+
+def tiny_artifact():
+    torch.manual_seed(0)
+    model = T.GPT(tiny_hp())
+    with torch.no_grad():  # zero-initialized tensors would hide mistakes: give everything random values
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        model.blocks[0].mlp.fc.weight[3].zero_()  # one all-zero row must stay finite
+    entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), tiny_hp())
+    return model, entries, T.pack_artifact(entries, model.hp)
+
+
+def test_artifact_round_trip_restores_dequantized_tensors_exactly():
+    model, entries, blob = tiny_artifact()
+    meta, back = T.unpack_artifact(blob)
+    assert meta["config"] == model.hp
+    want, got = T.dequantize(entries), T.dequantize(back)
+    assert want.keys() == got.keys() == model.state_dict().keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+        assert torch.isfinite(got[k]).all()
+    schemes = {e["name"]: e["scheme"] for e in back}
+    assert schemes["tok_emb.weight"] == "int8" and schemes["blocks.0.mlp.fc.weight"] == "int6"
+    assert schemes["blocks.0.attn.q_gain"] == "fp32"
+    fresh = T.GPT(meta["config"])
+    fresh.load_state_dict(got)  # rebuilds from its own metadata
+
+
+def test_quantized_values_lie_in_their_ranges():
+    _, entries, _ = tiny_artifact()
+    for e in entries:
+        if "q" in e:
+            qmax = {"int6": 31, "int8": 127}[e["scheme"]]
+            assert e["q"].dtype == torch.int8 and int(e["q"].abs().max()) <= qmax
+            assert e["scale"].dtype == torch.float16 and bool((e["scale"] > 0).all())
+    w = torch.randn(16, 100)
+    for bits, qmax in ((6, 31), (8, 127)):
+        q, s, _ = T.quantize_rows(w, bits, [1.0])
+        assert int(q.abs().max()) == qmax  # the row max maps onto the last level
+        assert ((q.float() * s.float()[:, None] - w).abs() <= s.float()[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "empty"])
+def test_damaged_artifact_is_refused(damage, tmp_path):
+    _, _, blob = tiny_artifact()
+    if damage == "flip":
+        b = bytearray(blob)
+        b[len(b) // 2] ^= 0x10
+        blob = bytes(b)
+    elif damage == "truncate":
+        blob = blob[: len(blob) - 100]
+    elif damage == "foreign":
+        blob = b"PK\x03\x04" + blob[4:]
+    else:
+        blob = b""
+    with pytest.raises(T.UserError, match="artifact|corrupt|truncated"):
+        T.unpack_artifact(blob, "x.ptz")
+
+
+# ---------------------------------------------------------------- shards
+def write_shard(path, tokens, magic=T.SHARD_MAGIC, version=T.SHARD_VERSION, n=None):
+    header = np.zeros(256, "<i4")
+    header[:3] = magic, version, len(tokens) if n is None else n
+    path.write_bytes(header.tobytes() + np.asarray(tokens, "<u2").tobytes())
+
+
+def test_shard_reader_validates_header_and_size(tmp_path):
+    p = tmp_path / "x_val_000000.bin"
+    write_shard(p, [1, 2, 3])
+    assert T.load_data_shard(str(p)).tolist() == [1, 2, 3]
+    for kw, msg in ((dict(magic=123), "bad header"), (dict(version=2), "bad header"), (dict(n=4), "header says 4 tokens")):
+        write_shard(p, [1, 2, 3], **kw)
+        with pytest.raises(T.UserError, match=msg):
+            T.load_data_shard(str(p))
+    p.write_bytes(b"\x00" * 10)
+    with pytest.raises(T.UserError, match="corrupt shard"):
+        T.load_data_shard(str(p))
+
+
+def test_loader_gives_every_rank_its_disjoint_span(tmp_path):
+    write_shard(tmp_path / "a_train_000000.bin", np.arange(100))
+    write_shard(tmp_path / "a_train_000001.bin", np.arange(100, 150))
+    files = sorted(str(p) for p in tmp_path.glob("*_train_*.bin"))
+    whole = T.DistributedTokenLoader(files, 0, 1, "cpu")
+    parts = [T.DistributedTokenLoader(files, r, 4, "cpu") for r in range(4)]
+    for _ in range(5):  # wraps around both shards
+        x, y = whole.next_batch(32, 4)
+        xs, ys = zip(*(p.next_batch(32, 4) for p in parts))
+        assert torch.equal(torch.cat(xs), x) and torch.equal(torch.cat(ys), y)
+        assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+
+
+# ---------------------------------------------------------------- bad input: one line, non-zero exit, nothing left
+def corrupt_copy(src, dst):
+    shutil.copytree(src, dst)
+    p = next(dst.glob("*_val_*.bin"))
+    b = bytearray(p.read_bytes())
+    b[0:4] = struct.pack("<i", 7)
+    p.write_bytes(bytes(b))
+    return dst
+
+
+BAD = {
+    "missing data": (lambda t, d: {"DATA_PATH": t / "nowhere"}, "matched nothing"),
+    "corrupt shard": (lambda t, d: {"DATA_PATH": corrupt_copy(d, t / "c")}, "corrupt shard"),
+    "vocab mismatch": (lambda t, d: {"VOCAB_SIZE": 512}, "has vocab 1024 but VOCAB_SIZE=512"),
+    "batch not divisible": (lambda t, d: {"TRAIN_BATCH_TOKENS": 1000}, "TRAIN_BATCH_TOKENS=1000 is not divisible"),
+    "short validation": (lambda t, d: {"VAL_MAX_TOKENS": 100}, "validation split has 100 tokens"),
+    "non-finite loss": (lambda t, d: {"MATRIX_LR": 1e30, "EMBED_LR": 1e30, "SCALAR_LR": 1e30, "GRAD_CLIP_NORM": 0},
+                        "non-finite training loss at step"),
+    "unwritable log dir": (lambda t, d: {"LOG_DIR": t / "file" / "sub"}, "file"),
+    "malformed value": (lambda t, d: {"NUM_LAYERS": "four"}, "NUM_LAYERS='four' is not a valid int"),
+    "unknown preset": (lambda t, d: {"PRESET": "fast"}, "PRESET='fast' is unknown"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gives_one_line_error(case, sample_data, tmp_path):
+    make, msg = BAD[case]
+    (tmp_path / "file").write_text("not a directory")
+    env = make(tmp_path, sample_data[0])
+    rc, out, err, log = run_script(env | {"ITERATIONS": 3}, tmp_path)
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and msg in lines[-1], err[-2000:]
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("**/*.ptz")), "no artifact may be left behind"
+    if case == "non-finite loss":
+        assert "error: non-finite training loss" in log  # the log is still written
