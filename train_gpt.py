@@ -591,7 +591,15 @@ def build_optimizers(model: GPT, hp, rank, world):
 
 
 # ----------------------------------------------------------------------------- quantization and artifact
-SCALE_FLOOR = 2.0 ** -20  # exact in fp16; keeps all-zero rows finite (an underflowing floor turns them into NaN)
+SCALE_FLOOR = 2.0 ** -14  # smallest normal fp16: keeps all-zero rows finite (an underflowing floor gives NaN)
+
+
+def fp16_round(x: Tensor) -> Tensor:
+    """Round positive fp32 values in fp16's normal range to fp16 precision (nearest, ties to even) with integer ops:
+    torch.compile elides x.half().float() (inductor does not emulate precision casts by default), which would make
+    the training-time quantizer differ from the exporter's."""
+    i = x.view(torch.int32)
+    return ((i + 0xFFF + ((i >> 13) & 1)) & -0x2000).view(torch.float32)
 
 
 def quantize_rows(w: Tensor, bits: int, clips: list[float]) -> tuple[Tensor, Tensor, Tensor]:
@@ -603,7 +611,7 @@ def quantize_rows(w: Tensor, bits: int, clips: list[float]) -> tuple[Tensor, Ten
     w = w.detach().float()
     amax = w.abs().amax(dim=1, keepdim=True)
     c = torch.tensor(clips, dtype=torch.float32, device=w.device).view(-1, 1, 1)
-    scale = (amax * c / qmax).clamp_min(SCALE_FLOOR).half().float()  # (C, rows, 1), rounded as it ships
+    scale = fp16_round((amax * c / qmax).clamp_min(SCALE_FLOOR))  # (C, rows, 1), exactly the fp16 that ships
     q = torch.clamp(torch.round(w / scale), -qmax, qmax)
     if len(clips) == 1:
         return q[0].to(torch.int8), scale[0, :, 0].half(), torch.zeros(w.size(0), dtype=torch.long, device=w.device)

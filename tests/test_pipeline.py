@@ -14,7 +14,7 @@ FINAL_LINES = ["model_params:", "pre_quant_exact val_loss:", "artifact: path=", 
 
 
 def test_smoke_prints_every_final_line_once(smoke):
-    lines = smoke["log"].split("==== end of code ====\n", 1)[1].splitlines()
+    lines = smoke["log"].split("\n==== end of code ====\n", 1)[1].splitlines()
     for prefix in FINAL_LINES:
         assert sum(l.startswith(prefix) for l in lines) == 1, prefix
     total = next(l for l in lines if l.startswith("total_submission_bytes:"))

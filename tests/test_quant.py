@@ -1,0 +1,153 @@
+"""Issue 4: one quantizer for training and export, late QAT that runs under torch.compile, and the size budget."""
+import copy
+import time
+
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import metric, run_script
+
+
+def small_hp(**kw):
+    h = T.parse_hparams({"SMOKE": "1"})
+    h.update(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, VE_DIM=16,
+             QUANT_MIN_NUMEL=1000, **kw)
+    return h
+
+
+def randomized(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def quantized_copy(model, hp):
+    """An uncompiled copy whose exported matrices hold Q(w): what the artifact will contain."""
+    ref = copy.deepcopy(model)
+    ref.set_qat(None, 0)
+    entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
+    deq = T.dequantize(entries)
+    with torch.no_grad():
+        for e in entries:
+            if "q" in e:
+                ref.get_parameter(e["name"]).copy_(deq[e["name"]])
+    return ref
+
+
+def test_qat_switch_under_torch_compile_takes_effect_without_recompiling():
+    torch._dynamo.reset()
+    hp = small_hp()
+    model = randomized(T.GPT(hp))
+    model.set_qat(T.clips(hp), hp["QUANT_MIN_NUMEL"])
+    float_ref, quant_ref = copy.deepcopy(model), quantized_copy(model, hp)
+    float_ref.set_qat(None, 0)
+    frames = {"n": 0}
+
+    def counting_backend(gm, example_inputs):
+        frames["n"] += 1
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=counting_backend, dynamic=False)
+    ids = torch.randint(0, 1024, (2, 32))
+    with torch.no_grad():
+        before = compiled(ids, ids, per_token=True)
+        torch.testing.assert_close(before, float_ref(ids, ids, per_token=True), atol=2e-5, rtol=1e-5)
+        n = frames["n"]
+        model.qat_switch(True)
+        after = compiled(ids, ids, per_token=True)
+        assert frames["n"] == n, "flipping QAT recompiled the model"
+        torch.testing.assert_close(after, quant_ref(ids, ids, per_token=True), atol=2e-5, rtol=1e-5)
+        assert (after - before).abs().max() > 1e-4  # the fake-quantization really ran
+        model.qat_switch(False)
+        torch.testing.assert_close(compiled(ids, ids, per_token=True), before)
+    assert frames["n"] == n
+
+
+def test_fake_quant_gradient_is_straight_through():
+    w = torch.randn(8, 32, requires_grad=True)
+    on = torch.tensor(True)
+    out = T.fake_quant(w, 6, [1.0, 0.9], on)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    q, s, _ = T.quantize_rows(w, 6, [1.0, 0.9])
+    assert torch.equal(out.detach(), q.float() * s.float()[:, None])
+
+
+def test_zero_row_stays_finite_in_qat_and_export():
+    w = torch.zeros(4, 16)
+    w[1] = torch.randn(16)
+    for on in (True, False):
+        assert torch.isfinite(T.fake_quant(w, 6, [1.0, 0.95], torch.tensor(on))).all()
+    q, s, _ = T.quantize_rows(w, 6, [1.0])
+    assert (q[0] == 0).all() and s[0] > 0 and torch.isfinite(s.float()).all()
+
+
+def test_clip_search_picks_least_error_and_is_deterministic():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    w[0, 0] = 40.0  # a lone far outlier: clipping it costs more than the finer grid saves
+    cl = [1.0, 0.97, 0.9, 0.5]
+    q, s, best = T.quantize_rows(w, 6, cl)
+    err = lambda q_, s_: (q_.float() * s_.float()[:, None] - w).square().sum(1)
+    for i, c in enumerate(cl):
+        qi, si, _ = T.quantize_rows(w, 6, [c])
+        assert (err(q, s) <= err(qi, si) + 1e-6).all()
+    assert (best > 0).any()  # Gaussian rows often prefer a clip just below their max
+    q2, s2, best2 = T.quantize_rows(w.clone(), 6, cl)
+    assert torch.equal(q, q2) and torch.equal(s, s2) and torch.equal(best, best2)
+
+
+def test_qat_from_start_matches_roundtrip(sample_data, monkeypatch, tmp_path):
+    """QAT on from step 0, EMA off: the fake-quantized model IS the exported model, so their BPB agree to 1e-4."""
+    for k, v in dict(SMOKE="1", LOG_DIR=str(tmp_path), RUN_ID="qat", QAT_THRESHOLD="1", EMA_DECAY="0", ITERATIONS="12",
+                     EVAL_STRIDE="0", VAL_MAX_TOKENS="16384").items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    r = T.main()
+    assert r["qat_enabled"]
+    hp = T.parse_hparams()
+    model = r["model"]
+    model.qat_switch(True)
+    val, _ = T.load_validation(hp)
+    luts = T.byte_luts(hp, torch.device("cpu"))
+    _, bpb, _ = T.evaluate(T.eval_forward(model, False), val, luts, 128, 128, 32, 0, 1)
+    assert abs(bpb - r["roundtrip_bpb"]) < 1e-4, (bpb, r["roundtrip_bpb"], r["pre_quant_bpb"])
+    assert "late_qat:enabled step:0" in (tmp_path / "qat.txt").read_text()
+
+
+def test_size_limit_just_below_natural_size_is_met_by_budget_fit(smoke, tmp_path):
+    natural = int(next(l for l in smoke["log"].splitlines() if l.startswith("total_submission_bytes:")).split()[0].split(":")[1])
+    limit = natural - 2000
+    rc, _, err, log = run_script({"SIZE_LIMIT_BYTES": limit}, tmp_path)
+    assert rc == 0, err[-2000:]
+    fit = [l for l in log.splitlines() if l.startswith("budget_fit:")]
+    assert len(fit) == 1 and "bytes_before:" in fit[0] and "bytes_after:" in fit[0]
+    total = next(l for l in log.splitlines() if l.startswith("total_submission_bytes:"))
+    assert total.endswith(" ok") and int(total.split()[0].split(":")[1]) <= limit
+    assert "final_roundtrip_exact" in log
+
+
+def test_absurd_size_limit_fails_before_evaluation(sample_data, tmp_path):
+    rc, _, err, log = run_script({"SIZE_LIMIT_BYTES": 100000, "ITERATIONS": 3}, tmp_path)
+    assert rc != 0 and err.strip().splitlines()[-1].startswith("error: artifact cannot fit")
+    assert "final_roundtrip_exact" not in log.split("\n==== end of code ====\n")[1]
+    assert not list(tmp_path.glob("*.ptz*")), "nothing may be left under the artifact's name"
+
+
+def test_fp16_round_equals_the_cast_it_replaces():
+    x = torch.cat((torch.rand(100000) * 60000, torch.rand(100000) * 1e-3)).clamp_min(T.SCALE_FLOOR)
+    x[:4] = torch.tensor([1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, T.SCALE_FLOOR, 65504.0])  # ties round to even
+    assert torch.equal(T.fp16_round(x), x.half().float())
+
+
+def test_compiled_fake_quant_equals_eager_bit_for_bit():
+    torch._dynamo.reset()
+    w = torch.randn(96, 64) * 0.05
+    on = torch.tensor(True)
+    f = torch.compile(lambda w: T.fake_quant(w, 6, [1.0, 0.95, 0.9], on), dynamic=False)
+    assert torch.equal(f(w), T.fake_quant(w, 6, [1.0, 0.95, 0.9], on))
