@@ -1,0 +1,839 @@
+#!/usr/bin/env python3
+"""GPU check: time the record recipe (and the plain baseline) on one GPU and extrapolate to 8 GPUs.
+
+Runs train_gpt.py as a child process once per preset, on one GPU, for a fixed short wall-clock, with the full
+global batch (MICRO_BATCHES accumulation steps), compiled, bf16 - exactly the default record configuration except:
+  MAX_WALLCLOCK_SECONDS=--seconds; WARMDOWN_ITERS sized so the warmdown covers the run and late QAT switches on for
+  about its last 30 % (so the compiled fake-quantization path really runs on CUDA); VAL_MAX_TOKENS=--val-tokens;
+  SIZE_LIMIT_BYTES=--size-limit (a one-minute model is far from trained: at initialization the record model's
+  artifact is 18.4 MB, more than zeroing int6 values of magnitude 1 can save, so the exporter would stop the run
+  before the evaluations; the summary still says whether it fits 16,000,000);
+  TRAIN_LOG_EVERY so about 20 step lines arrive; TORCH_LOGS=recompiles,graph_breaks.
+Then it reads the logs and writes DIR/summary.json: ms/step, tokens/s, peak memory, attention backend, compile,
+when late QAT switched on (and whether the switch made Dynamo recompile), step time before/after it, the size lines,
+pre-quant / round-trip / sliding results with each phase's seconds and tokens/s, and an extrapolation to 8 GPUs in
+600 s. DIR also gets each run's log (PRESET.txt), its console output (PRESET.console.txt) and this script's output
+(gpu_check.txt); artifacts go to a temporary folder and are deleted.
+
+Data (the summary's "data" says which): --data DIR (+ --tokenizer MODEL, else the manifest's or DIR's *.model) for
+shards built by data/prepare_text.py or the FineWeb download; else data/datasets/fineweb10B_sp1024 if present; else
+the embedded stdlib sample (data/build_sample.py builds it offline from Python's own docstrings: real text, so no
+synthetic tokens are ever used). Values: "fineweb" | "corpus" | "stdlib-sample".
+
+Needs only the GPU machine's image (torch, numpy, sentencepiece, tqdm) plus zstandard, which some images lack: carry
+a wheel and pass --wheels DIR (installed into a temporary folder that goes on the children's PYTHONPATH).
+--cpu-dry-run runs the same logic on the CPU at SMOKE size in well under a minute (the test suite does this).
+
+  python3 tools/gpu_check.py --wheels .whl --data data/datasets/corpus_sp1024 --tokenizer data/tokenizers/fineweb_1024_bpe.model
+  python3 tools/gpu_check.py --cpu-dry-run --out /tmp/gpu_check
+Exit status: 0 all checks passed, 1 a run failed or a check failed, 2 setup error (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FINEWEB_VAL_TOKENS = 62_021_846  # the published validation split (DESIGN.md section 2)
+COMPETITION_LIMIT = 16_000_000
+TRAIN_BUDGET_S = EVAL_BUDGET_S = 600.0
+N_GPUS = 8
+# Public 8xH100 figures (DESIGN.md section 4), for comparison only.
+ANCHORS = {"record": dict(step_ms_8xh100=84.6, steps_600s=7096, sliding_eval_s_8xh100=73.0, peak_mem_gib=20.9),
+           "baseline": dict(step_ms_8xh100=43.5)}
+# One H100-class GPU doing the whole global batch: about 8x the public 8-GPU step time. Used only to size the
+# warmdown (so late QAT lands in the last ~30 % of the run) and the log interval; the run measures the real value.
+EXPECTED_STEP_MS = {"record": 650.0, "baseline": 350.0}
+QAT_FRACTION = 0.3
+DRY_ITERATIONS = 16
+# --cpu-dry-run: SMOKE=1 plus these, so both presets finish in seconds on 2 CPU cores
+DRY_ENV = dict(SMOKE="1", TRAIN_BATCH_TOKENS="1024", MICRO_BATCHES="2", ITERATIONS=str(DRY_ITERATIONS),
+               WARMUP_STEPS="2", TRAIN_LOG_EVERY="2", EVAL_STRIDE="64", EVAL_BATCH_SEQS="16")
+GPU_DEFAULTS = dict(seconds=60.0, val_tokens=524_288, size_limit=24_000_000, max_total=570.0)
+DRY_DEFAULTS = dict(seconds=60.0, val_tokens=4096, size_limit=COMPETITION_LIMIT, max_total=600.0)
+# variables a stray export in the calling shell must not leak into the children
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+             "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+OUT_FILES = ("summary.json", "gpu_check.txt")
+TORCH_LOG_TAGS = ("[__recompiles", "[__graph_breaks")
+RECOMPILE, GRAPH_BREAK = "Recompiling function", "Graph break in user code"
+
+
+class CheckError(Exception):
+    """A setup problem, reported as one line (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- output
+class Tee:
+    def __init__(self):
+        self.file = None
+
+    def __call__(self, msg: str = "") -> None:
+        print(msg, flush=True)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+say = Tee()
+
+
+# ----------------------------------------------------------------------------- log parsing
+_KV = re.compile(r"([A-Za-z_][\w.]*)[:=](\S+)")
+_NUM = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def num(v: str):
+    """'1234' -> 1234, '12.5ms' -> 12.5, 'nan' -> nan; anything else stays a string."""
+    if v.lower() in ("nan", "inf", "-inf", "+inf"):
+        return float(v)
+    m = _NUM.match(v)
+    if not m or v[m.end():] not in ("", "ms", "s"):
+        return v
+    s = m.group(0)
+    return int(s) if re.fullmatch(r"[-+]?\d+", s) else float(s)
+
+
+def fields(line: str) -> dict:
+    """All key:value and key=value tokens of a line, values converted to numbers where they are numbers."""
+    return {k: num(v) for k, v in _KV.findall(line)}
+
+
+def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
+    """The facts of one train_gpt.py run from its log lines (the part after the code block, or the console).
+    Tolerant of added fields and of lines it does not know."""
+    p: dict = dict(hparams={}, steps=[], errors=[], recompiles=0, graph_breaks=0)
+    for line in lines:
+        line = line.rstrip("\n")
+        f = fields(line)
+        head = line.split(":", 1)[0]
+        if line.startswith("python:") and " torch:" in line:
+            m = re.search(r" device:(.*?) world_size:", line)
+            p["versions"] = dict(python=f.get("python"), torch=str(f.get("torch")), cuda=str(f.get("cuda")),
+                                 device=m.group(1) if m else None, world_size=f.get("world_size"))
+        elif line.startswith("step:") and "train_loss:" in line:
+            s = str(f["step"]).split("/")[0]
+            p["steps"].append(dict(step=int(s), train_ms=f.get("train_time"), loss=f.get("train_loss"),
+                                   lr_mult=f.get("lr_mult"), step_avg_ms=f.get("step_avg")))
+        elif line.startswith("late_qat:enabled"):
+            p["late_qat"] = dict(step=f.get("step"), lr_mult=f.get("lr_mult"))
+        elif line.startswith("warmup_steps:") and " done" in line:
+            p["warmup_done"] = f.get("warmup_steps")
+        elif line.startswith("features:"):
+            p["features"] = {k: v for k, v in f.items() if k in ("attention", "compile", "ema", "qat_threshold")}
+        elif line.startswith("model_params:"):
+            p["model_params"] = f["model_params"]
+        elif line.startswith("size_forecast:"):
+            p["size_forecast"] = dict(bytes=f.get("size_forecast"), step=f.get("step"))
+        elif line.startswith("train_done "):
+            p["train_done"] = dict(steps=f.get("steps"), train_ms=f.get("train_time"), step_avg_ms=f.get("step_avg"),
+                                   peak_mem_gib=f.get("peak_mem_gib"))
+        elif line.startswith("pre_quant_exact "):
+            p["pre_quant"] = dict(val_loss=f.get("val_loss"), val_bpb=f.get("val_bpb"))
+        elif line.startswith("budget_fit:"):
+            p["budget_fit"] = line
+        elif line.startswith("artifact: "):
+            p["artifact"] = dict(bytes=f.get("bytes"), export_seconds=f.get("export_seconds"))
+        elif line.startswith("code_bytes:"):
+            p["code_bytes"] = f["code_bytes"]
+        elif line.startswith("total_submission_bytes:"):
+            p["total"] = dict(bytes=f.get("total_submission_bytes"), limit=f.get("limit"), status=line.split()[-1])
+        elif line.startswith("final_roundtrip_exact "):
+            p["roundtrip"] = dict(val_loss=f.get("val_loss"), val_bpb=f.get("val_bpb"), tokens=f.get("tokens"),
+                                  eval_seconds=f.get("eval_seconds"))
+        elif line.startswith("final_sliding_exact "):
+            p["sliding"] = dict(val_loss=f.get("val_loss"), val_bpb=f.get("val_bpb"), stride=f.get("stride"),
+                                seq_len=f.get("seq_len"), eval_seconds=f.get("eval_seconds"))
+        elif line.startswith("sliding_eval "):
+            p["sliding_eval"] = dict(tokens=f.get("tokens"), tokens_per_s=f.get("tokens_per_s"),
+                                     full_split_tokens=f.get("full_split_tokens"),
+                                     full_split_estimate_s=f.get("full_split_estimate_s"))
+        elif line.startswith("error:"):
+            p["errors"].append(line)
+        elif RECOMPILE in line:
+            p["recompiles"] += 1
+        elif GRAPH_BREAK in line:
+            p["graph_breaks"] += 1
+        elif head in hparam_names and line.count(":") >= 1 and " " not in head:
+            p["hparams"][head] = num(line.split(":", 1)[1])
+    return p
+
+
+def log_body(text: str) -> list[str]:
+    """A train_gpt.py log file without its embedded code."""
+    marker = "\n==== end of code ====\n"
+    return (text.split(marker, 1)[1] if marker in text else text).splitlines()
+
+
+# ----------------------------------------------------------------------------- environment
+def install_wheels(wheel_dir: str | Path) -> Path:
+    """Install every *.whl of wheel_dir into a fresh temporary folder (pip --no-index; plain unzip where pip is
+    missing) and return that folder, for sys.path and the children's PYTHONPATH."""
+    wheels = sorted(Path(wheel_dir).glob("*.whl"))
+    if not wheels:
+        raise CheckError(f"--wheels {wheel_dir}: no *.whl files there")
+    target = Path(tempfile.mkdtemp(prefix="gpu_check_site_"))
+    has_pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0
+    if has_pip:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--disable-pip-version-check", "--upgrade", "--target", str(target), *map(str, wheels)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise CheckError(f"--wheels {wheel_dir}: pip could not install {', '.join(w.name for w in wheels)}: {last}")
+    else:
+        import zipfile
+        for w in wheels:
+            with zipfile.ZipFile(w) as z:
+                z.extractall(target)
+    return target
+
+
+def missing_zstandard_message() -> str:
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return (f"zstandard is not importable by {sys.executable} (Python {py}); train_gpt.py needs it to write the artifact. "
+            f"On a machine with network, in the repo root: python3 -m pip download --no-deps --only-binary=:all: "
+            f"--python-version {py} --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "
+            f"-d .whl zstandard ; carry .whl and rerun with --wheels .whl (or: python3 -m pip install --no-index "
+            f"--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site)")
+
+
+def check_packages() -> None:
+    for name in ("zstandard", "numpy", "sentencepiece", "tqdm", "torch"):
+        try:
+            __import__(name)
+        except ImportError:
+            if name == "zstandard":
+                raise CheckError(missing_zstandard_message()) from None
+            raise CheckError(f"the Python package {name} is not importable by {sys.executable}; train_gpt.py needs it") from None
+
+
+def child_base_env(site: Path | None, dry: bool, hparam_names: set[str]) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in DIST_VARS and k.lower() not in hparam_names and k not in ("PRESET", "SMOKE", "TORCH_LOGS")}
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TORCH_LOGS"] = "recompiles,graph_breaks"
+    if dry:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run stays on the CPU even on a GPU machine
+        env["OMP_NUM_THREADS"] = "1"  # tiny ops: two threads on a busy 2-core machine ran 70x slower (spin-waits)
+    return env
+
+
+def gpu_probe(torch) -> dict:
+    """CUDA-only: the card, whether FlashAttention 3 is importable, and whether PyTorch SDPA's flash kernel accepts the
+    record's attention call (bf16, causal, 8 query / 4 KV heads of 64, enable_gqa); if it does not, SDPA falls back
+    to a slower kernel and the step time shows it."""
+    props = torch.cuda.get_device_properties(0)
+    info = dict(device=torch.cuda.get_device_name(0), capability=f"{props.major}.{props.minor}",
+                memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count,
+                fa3_importable=importlib.util.find_spec("flash_attn_interface") is not None)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:  # SDPA explains a refused kernel in warnings
+        warnings.simplefilter("always")
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            q = torch.randn(2, 8, 2048, 64, device="cuda", dtype=torch.bfloat16)
+            kv = torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+            torch.cuda.synchronize()
+            info["sdpa_flash_gqa"] = True
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable"; the message says why
+            why = [(str(e).strip().splitlines() or [type(e).__name__])[0]] + [str(w.message).splitlines()[0] for w in caught]
+            info["sdpa_flash_gqa"] = False
+            info["sdpa_flash_gqa_error"] = " | ".join(why)[:600]
+        finally:
+            q = kv = None
+            torch.cuda.empty_cache()
+    return info
+
+
+# ----------------------------------------------------------------------------- data
+def shards(d: Path, split: str) -> list[Path]:
+    return sorted(d.glob(f"*_{split}_*.bin"))
+
+
+def manifest_tokenizer_sha(d: Path) -> str | None:
+    try:
+        return json.loads((d / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def find_tokenizer(d: Path) -> Path | None:
+    try:
+        rel = json.loads((d / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]["model"]
+        if (d / rel).is_file():
+            return (d / rel).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    models = sorted(d.glob("*.model"))
+    return models[0] if len(models) == 1 else None
+
+
+def resolve_data(args) -> dict:
+    import sentencepiece as spm
+    import train_gpt as T
+    if args.tokenizer and not args.data:
+        raise CheckError("--tokenizer needs --data (the shards it tokenized)")
+    if args.data:
+        d = Path(args.data)
+        if not shards(d, "train") or not shards(d, "val"):
+            raise CheckError(f"--data {d}: no *_train_*.bin and *_val_*.bin shards there")
+        prefix = shards(d, "train")[0].name.split("_train_")[0]
+        label = "fineweb" if prefix.startswith("fineweb") else "stdlib-sample" if prefix == "stdlib" else "corpus"
+        tok = Path(args.tokenizer) if args.tokenizer else find_tokenizer(d)
+        if tok is None and label == "fineweb":
+            tok = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+        if tok is None or not tok.is_file():
+            raise CheckError(f"--data {d}: tokenizer {'not found' if tok is None else str(tok) + ' does not exist'}; "
+                             "pass --tokenizer MODEL (the SentencePiece model the shards were built with)")
+    else:
+        fw, fw_tok = ROOT / "data" / "datasets" / "fineweb10B_sp1024", ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+        if shards(fw, "train") and shards(fw, "val") and fw_tok.is_file():
+            d, tok, label = fw, fw_tok, "fineweb"
+        else:
+            from data.build_sample import ensure_sample
+            say("data: no --data and no FineWeb shards in data/; building/reusing the embedded stdlib sample")
+            d, tok = ensure_sample(ROOT)
+            label = "stdlib-sample"
+    want = manifest_tokenizer_sha(Path(d))
+    if want and hashlib.sha256(Path(tok).read_bytes()).hexdigest() != want:
+        raise CheckError(f"{tok} is not the tokenizer {d} was built with (its manifest.json names sha256 {want[:12]}...); "
+                         "pass the matching --tokenizer")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(tok))
+    except (OSError, RuntimeError):
+        raise CheckError(f"{tok} is not a SentencePiece model") from None
+    vocab = sp.vocab_size()
+    try:
+        n_train = sum(T.read_shard_header(str(f)) for f in shards(d, "train"))
+        n_val = sum(T.read_shard_header(str(f)) for f in shards(d, "val"))
+        top = max(int(T.load_data_shard(str(f)).max(initial=0)) for f in (shards(d, "val")[0], shards(d, "train")[0]))
+    except T.UserError as e:
+        raise CheckError(str(e)) from None
+    if top >= vocab:
+        raise CheckError(f"{d}: token id {top} does not exist in {tok} (vocab {vocab}); the shards were built with "
+                         "another tokenizer: pass the matching --tokenizer")
+    return dict(label=label, path=str(Path(d).resolve()), tokenizer=str(Path(tok).resolve()), vocab=vocab,
+                train_tokens=n_train, val_tokens=n_val)
+
+
+# ----------------------------------------------------------------------------- one run
+def preset_env(preset: str, args, data: dict, dry: bool, hp_defaults: dict, overrides: dict) -> tuple[dict, dict]:
+    """The variables that turn train_gpt.py's preset into this check's run, and the planning numbers behind them."""
+    thr = float(overrides.get("QAT_THRESHOLD", hp_defaults["QAT_THRESHOLD"]))
+    if dry:
+        expected_steps = int(overrides.get("ITERATIONS", DRY_ITERATIONS))
+    else:
+        expected_steps = max(1, int(args.seconds * 1000 / EXPECTED_STEP_MS.get(preset, 650.0)))
+    env = dict(PRESET=preset, DATA_PATH=data["path"], TOKENIZER_PATH=data["tokenizer"], VOCAB_SIZE=str(data["vocab"]),
+               MAX_WALLCLOCK_SECONDS=str(args.seconds), VAL_MAX_TOKENS=str(args.val_tokens_used),
+               SIZE_LIMIT_BYTES=str(args.size_limit))
+    if dry:
+        env.update(DRY_ENV)
+        if args.compile:
+            env["COMPILE"] = "1"
+    else:
+        env["TRAIN_LOG_EVERY"] = str(max(1, expected_steps // 20))
+    plan = dict(expected_steps=expected_steps, qat_threshold=thr)
+    if preset == "record" and thr > 0:
+        # With the wall-clock cap the LR multiplier is remaining_time / (WARMDOWN_ITERS * mean step time), so it drops
+        # below thr for about the last thr * WARMDOWN_ITERS steps, whatever the real step time: aim that at
+        # QAT_FRACTION of the expected steps (the warmdown then covers the whole run, starting near
+        # thr / QAT_FRACTION = 0.5). If the card is slower, QAT covers more of the run; faster, fewer steps.
+        wd = max(4, math.ceil(QAT_FRACTION * expected_steps / thr))
+        env["WARMDOWN_ITERS"] = str(wd)
+        plan["warmdown_iters"] = wd
+    env.update(overrides)
+    return env, plan
+
+
+def run_child(name: str, env: dict, out: Path, timeout: float) -> dict:
+    """Run train_gpt.py; echo its console (prefixed, torch logs condensed), keep every line with its arrival time."""
+    console_path = out / f"{name}.console.txt"
+    lines: list[tuple[float, str]] = []
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1,
+                            start_new_session=True)
+
+    def pump():
+        reason_due = False  # echo the first guard failure after each "Recompiling function" line
+        with open(console_path, "w", encoding="utf-8") as f:
+            for line in proc.stdout:
+                t = time.monotonic() - t0
+                line = line.rstrip("\n")
+                lines.append((t, line))
+                f.write(f"{t:8.2f} {line}\n")
+                f.flush()
+                if any(tag in line for tag in TORCH_LOG_TAGS):
+                    if RECOMPILE in line or GRAPH_BREAK in line or reason_due and guard_failure(line):
+                        say(f"[{name}] {t:7.1f}s (torch) {torch_msg(line).strip()[:200]}")
+                        reason_due = RECOMPILE in line
+                    continue
+                say(f"[{name}] {t:7.1f}s {line}")
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        stop(proc)
+    except KeyboardInterrupt:
+        stop(proc)
+        raise
+    reader.join(timeout=10)
+    return dict(rc=proc.returncode, timed_out=timed_out, wall_s=time.monotonic() - t0, lines=list(lines))
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End the child we started (and its own process group), politely first."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def torch_msg(line: str) -> str:
+    """The message of a TORCH_LOGS line (after its '[__artifact] ' tag)."""
+    for tag in TORCH_LOG_TAGS:
+        if tag in line:
+            rest = line.split(tag, 1)[1]
+            return rest.split("]", 1)[1][1:] if "]" in rest else rest
+    return line
+
+
+def guard_failure(line: str) -> bool:
+    """A '- 0/0: tensor 'x' size mismatch ...' line: why Dynamo recompiled."""
+    return "[__recompiles" in line and torch_msg(line).lstrip().startswith("- ")
+
+
+def first_time(lines, pred):
+    return next((t for t, l in lines if pred(l)), None)
+
+
+def span(a, b):
+    return round(b - a, 2) if a is not None and b is not None else None
+
+
+def rate(n, s):
+    return round(n / s, 1) if n and s else None
+
+
+def finite(*xs) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
+
+
+def analyze(preset: str, child: dict, p: dict, plan: dict, dry: bool, hp_defaults: dict, env: dict) -> dict:
+    """One run's summary (what the log says, timed by when each line arrived) and its checks."""
+    L = child["lines"]
+    hp = p["hparams"]
+    t_params = first_time(L, lambda l: l.startswith("model_params:"))
+    t_warm = first_time(L, lambda l: l.startswith("warmup_steps:") and " done" in l)
+    t_train = first_time(L, lambda l: l.startswith("train_done "))
+    t_pre = first_time(L, lambda l: l.startswith("pre_quant_exact "))
+    t_total = first_time(L, lambda l: l.startswith("total_submission_bytes:"))
+    t_rt = first_time(L, lambda l: l.startswith("final_roundtrip_exact "))
+    t_sl = first_time(L, lambda l: l.startswith("final_sliding_exact "))
+    train_start = t_warm if t_warm is not None else first_time(L, lambda l: l.startswith("step:"))
+    rec = [t for t, l in L if RECOMPILE in l]
+    reasons = []  # "12.3s Recompiling function forward in ...: - 0/0: <first guard that failed>"
+    for t, l in L:
+        if RECOMPILE in l and len(reasons) < 8:
+            reasons.append(f"{t:.1f}s {torch_msg(l).strip()}")
+        elif guard_failure(l) and reasons and ": - " not in reasons[-1]:
+            reasons[-1] += f": {torch_msg(l).strip()[:300]}"
+    gbs = [t for t, l in L if GRAPH_BREAK in l]
+    td, steps = p.get("train_done", {}), p["steps"]
+    tokens_per_step = hp.get("train_batch_tokens")
+    step_ms = td.get("step_avg_ms")
+    qat = p.get("late_qat")
+    r: dict = dict(
+        ok=child["rc"] == 0 and not child["timed_out"], exit_code=child["rc"], timed_out=child["timed_out"],
+        errors=p["errors"],
+        config={k: hp.get(k) for k in ("num_layers", "model_dim", "mlp_mult", "train_seq_len", "train_batch_tokens",
+                                       "micro_batches", "max_wallclock_seconds", "warmdown_iters", "qat_threshold",
+                                       "warmup_steps", "val_max_tokens", "eval_stride", "size_limit_bytes")},
+        model_params=p.get("model_params"), attention=p.get("features", {}).get("attention"),
+        compile=p.get("features", {}).get("compile"),
+        train=dict(steps=td.get("steps"), train_ms=td.get("train_ms"), step_ms=step_ms,
+                   tokens_per_step=tokens_per_step,
+                   tokens_per_s=round(tokens_per_step / step_ms * 1000, 1) if tokens_per_step and step_ms else None,
+                   peak_mem_gib=td.get("peak_mem_gib"),
+                   grad_accum_steps=(hp.get("micro_batches") or 0) // ((p.get("versions") or {}).get("world_size") or 1),
+                   curve=[[x["step"], x["train_ms"], x["loss"], x["lr_mult"]] for x in steps]),  # step, ms, loss, lr
+        qat=dict(enabled=qat is not None, step=(qat or {}).get("step"), lr_mult=(qat or {}).get("lr_mult"),
+                 fraction_of_steps=round((td["steps"] - qat["step"]) / td["steps"], 3) if qat and td.get("steps") else None),
+        plan=plan,
+        phases_s=dict(startup=span(0.0, t_params), compile_and_warmup=span(t_params, t_warm),
+                      train=span(train_start, t_train), pre_quant_eval_incl_compile=span(t_train, t_pre),
+                      export=span(t_pre, t_total), roundtrip_eval_incl_load_and_compile=span(t_total, t_rt),
+                      sliding_eval=span(t_rt, t_sl), total=round(child["wall_s"], 2)),
+        torch_logs=dict(recompiles_total=len(rec), graph_breaks=len(gbs),
+                        recompiles_during_training=sum(1 for t in rec if train_start is not None and t >= train_start
+                                                       and (t_train is None or t <= t_train)),
+                        recompiles_during_warmup=sum(1 for t in rec if train_start is not None and t < train_start),
+                        recompile_reasons=reasons),
+        size=None, pre_quant=None, roundtrip=None, sliding=None,
+    )
+    if p.get("pre_quant"):
+        # standard eval scores every target once: as many tokens as the round trip reports
+        n_val = (p.get("roundtrip") or {}).get("tokens") or max(0, (hp.get("val_max_tokens") or 0) - 1)
+        r["pre_quant"] = dict(p["pre_quant"], wall_s_incl_compile=r["phases_s"]["pre_quant_eval_incl_compile"],
+                              tokens_per_s_incl_compile=rate(n_val, r["phases_s"]["pre_quant_eval_incl_compile"]))
+    # step time before / after late QAT, and the worst interval between two step lines (a recompile stall shows)
+    iv = [(a["step"], b["step"], (b["train_ms"] - a["train_ms"]) / (b["step"] - a["step"]))
+          for a, b in zip(steps, steps[1:]) if finite(a.get("train_ms"), b.get("train_ms")) and b["step"] > a["step"]]
+    if iv:
+        med = statistics.median(x for _, _, x in iv)
+        worst = max(iv, key=lambda x: x[2])
+        r["train"]["interval_ms_per_step"] = dict(median=round(med, 2), max=round(worst[2], 2),
+                                                  max_between_steps=[worst[0], worst[1]])
+
+        def seg(sel):
+            s = [x for x in iv if sel(x)]
+            n = sum(b - a for a, b, _ in s)
+            return round(sum((b - a) * x for a, b, x in s) / n, 2) if n else None
+
+        if qat:
+            r["qat"]["step_ms_before"] = seg(lambda x: x[1] <= qat["step"])
+            r["qat"]["step_ms_after"] = seg(lambda x: x[0] >= qat["step"])
+    if "total" in p:
+        tot = p["total"]
+        r["size"] = dict(total_bytes=tot["bytes"], limit=tot["limit"], status=tot["status"],
+                         artifact_bytes=p.get("artifact", {}).get("bytes"), code_bytes=p.get("code_bytes"),
+                         export_seconds=p.get("artifact", {}).get("export_seconds"), budget_fit=p.get("budget_fit"),
+                         forecast_bytes=(p.get("size_forecast") or {}).get("bytes"),
+                         fits_16mb=isinstance(tot["bytes"], int) and tot["bytes"] <= COMPETITION_LIMIT)
+    if "roundtrip" in p:
+        rt = p["roundtrip"]
+        r["roundtrip"] = dict(rt, tokens_per_s_incl_compile=rate(rt.get("tokens"), rt.get("eval_seconds")),
+                              quant_gap_bpb=round(rt["val_bpb"] - p["pre_quant"]["val_bpb"], 6)
+                              if finite(rt.get("val_bpb"), (p.get("pre_quant") or {}).get("val_bpb")) else None)
+    if "sliding" in p:
+        r["sliding"] = dict(p["sliding"], **(p.get("sliding_eval") or {}))
+    r["checks"] = checks(preset, r, p, dry, hp_defaults, env)
+    return r
+
+
+# keys whose values must be the record defaults for "the default record configuration at full size"
+FULL_SIZE_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN",
+                  "TRAIN_BATCH_TOKENS", "MICRO_BATCHES", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE", "VE_LAYERS", "ROPE_DIMS",
+                  "EMA_DECAY", "MUON_BACKEND_STEPS", "EVAL_STRIDE")
+
+
+def checks(preset, r, p, dry, hp_defaults, env) -> dict:
+    """name -> True / False, or None where it does not apply (CUDA-only checks in a dry run)."""
+    c = {}
+    stride = p["hparams"].get("eval_stride")
+    c["completed"] = bool(r["ok"] and r["size"] and r["roundtrip"] and p.get("pre_quant")
+                          and (r["sliding"] is not None or not stride))
+    c["size_line_ok"] = bool(r["size"] and r["size"]["status"] == "ok")
+    bpbs = [x.get("val_bpb") for x in (p.get("pre_quant"), r["roundtrip"], r["sliding"]) if x]
+    c["metrics_finite"] = bool(bpbs) and finite(*bpbs) and finite(r["train"]["step_ms"])
+    cuda = None if dry else True
+    compiled = not dry or env.get("COMPILE") == "1"
+    c["compiled"] = r["compile"] == "on" if compiled else None
+    c["peak_memory_reported"] = None if dry else finite(r["train"]["peak_mem_gib"])
+    c["no_recompile_during_training"] = r["torch_logs"]["recompiles_during_training"] == 0 if compiled else None
+    if preset == "record":
+        q = r["qat"]
+        c["qat_enabled"] = q["enabled"]
+        c["qat_switched_mid_run"] = bool(q["enabled"] and r["train"]["steps"] and 1 < q["step"] < r["train"]["steps"])
+        c["sliding_eval_ran"] = r["sliding"] is not None
+        if cuda:
+            c["full_size_record_config"] = all(p["hparams"].get(k.lower()) == num(str(hp_defaults[k])) for k in FULL_SIZE_KEYS)
+    return c
+
+
+# ----------------------------------------------------------------------------- extrapolation
+def extrapolate(preset: str, r: dict) -> dict | None:
+    step_ms = r["train"]["step_ms"]
+    if not finite(step_ms) or step_ms <= 0:
+        return None
+    mb = r["config"].get("micro_batches") or 8
+    e = dict(step_ms_1gpu=step_ms, step_ms_8gpu_compute_only=round(step_ms / N_GPUS, 2),
+             steps_in_600s_8gpu_upper_bound=int(TRAIN_BUDGET_S * 1000 // (step_ms / N_GPUS)),
+             micro_batches_per_rank_8gpu=mb / N_GPUS)
+    if r["train"]["tokens_per_step"]:
+        e["train_tokens_per_s_8gpu_upper_bound"] = round(r["train"]["tokens_per_step"] / (step_ms / N_GPUS) * 1000)
+    a = ANCHORS.get(preset)
+    if a:
+        e["public_8xh100_step_ms"] = a["step_ms_8xh100"]
+        e["implied_overhead_ms_per_step_at_public_rate"] = round(a["step_ms_8xh100"] - step_ms / N_GPUS, 2)
+    sl = r.get("sliding") or {}
+    tps = sl.get("tokens_per_s")
+    if finite(tps) and tps > 0:
+        e["sliding_tokens_per_s_1gpu"] = tps
+        if finite(sl.get("full_split_tokens")):
+            e["sliding_full_split_s_8gpu"] = round(sl["full_split_tokens"] / (tps * N_GPUS), 1)
+            e["full_split_tokens"] = sl["full_split_tokens"]
+        e["sliding_fineweb_val_s_8gpu"] = round(FINEWEB_VAL_TOKENS / (tps * N_GPUS), 1)
+        if a and "sliding_eval_s_8xh100" in a:
+            e["public_sliding_eval_s_8xh100"] = a["sliding_eval_s_8xh100"]
+    return e
+
+
+ASSUMPTIONS = [
+    "8 GPUs each run MICRO_BATCHES/8 of the same global batch's micro-batches (1 of 8 in the record recipe), each of the "
+    "same size as here, so each rank's compute per step is 1/8 of this one-GPU step",
+    "step_ms_8gpu ~= step_ms_1gpu/8 + communication (DDP gradient all-reduce, Muon update all-reduce, per-step loss "
+    "all-reduce) + work every rank repeats (optimizer element-wise updates, EMA, grad clip, the QAT quantizer per "
+    "forward); one GPU cannot measure the communication, so steps_in_600s_8gpu_upper_bound is an upper bound",
+    "the 8-GPU sliding eval splits the windows evenly over the ranks: time ~= one-GPU time/8, without model load, "
+    "compile and the all-reduce of the sums; sliding_fineweb_val_s_8gpu uses the published 62,021,846-token split",
+    "measured on the device named in the summary; an H200 has the H100's compute and ~1.4x its memory bandwidth, so an "
+    "H100 is as fast or slightly slower",
+    "a run of this length trains a model far from converged (EMA weights still near their initialization): its "
+    "val_bpb and artifact size say nothing about a 600 s run",
+]
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-dry-run", action="store_true", help="run the same logic on the CPU at SMOKE size (seconds)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: $OUT if set, else logs/gpu_check)")
+    p.add_argument("--seconds", type=float, help=f"training wall-clock per preset (default {GPU_DEFAULTS['seconds']:g}; "
+                   f"dry run: a {DRY_DEFAULTS['seconds']:g} s cap on {DRY_ITERATIONS} steps)")
+    p.add_argument("--data", metavar="DIR", help="shards (*_train_*.bin, *_val_*.bin); default FineWeb in data/ if "
+                   "present, else the embedded stdlib sample")
+    p.add_argument("--tokenizer", metavar="MODEL", help="SentencePiece model of --data (default: from its manifest.json)")
+    p.add_argument("--val-tokens", type=int, help=f"validation prefix to evaluate (default {GPU_DEFAULTS['val_tokens']:,}; "
+                   f"dry run {DRY_DEFAULTS['val_tokens']:,}); capped at what the split has")
+    p.add_argument("--presets", default="record,baseline", help="comma-separated train_gpt.py presets, run in this "
+                   "order on the same card (default record,baseline)")
+    p.add_argument("--wheels", metavar="DIR", help="install DIR/*.whl (e.g. zstandard) into a temporary folder for the runs")
+    p.add_argument("--size-limit", type=int, help=f"SIZE_LIMIT_BYTES for the runs (default {GPU_DEFAULTS['size_limit']:,}: "
+                   "a short run does not compress under 16,000,000 yet; the summary still reports fits_16mb. "
+                   f"Dry run: {COMPETITION_LIMIT:,})")
+    p.add_argument("--max-total", type=float, help=f"stop (and skip presets) so the whole check ends within this many "
+                   f"seconds (default {GPU_DEFAULTS['max_total']:g}, under the device tool's 600 s per command)")
+    p.add_argument("--compile", action="store_true", help="dry run only: COMPILE=1 (inductor on the CPU, minutes) to "
+                   "exercise the compile and recompile checks")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra train_gpt.py variable for every run (repeatable), e.g. --env WARMUP_STEPS=5")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.monotonic()
+    dry = args.cpu_dry_run
+    d = DRY_DEFAULTS if dry else GPU_DEFAULTS
+    for k in ("seconds", "val_tokens", "size_limit", "max_total"):
+        if getattr(args, k) is None:
+            setattr(args, k, d[k])
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "logs" / "gpu_check").resolve()  # the children run in ROOT
+    work = site = None
+    try:
+        if args.seconds <= 0 or args.val_tokens <= 0 or args.size_limit <= 0:
+            raise CheckError("--seconds, --val-tokens and --size-limit must be positive")
+        overrides = {}
+        for kv in args.env:
+            k, sep, v = kv.partition("=")
+            if not sep or not k:
+                raise CheckError(f"--env {kv!r}: expected KEY=VALUE")
+            overrides[k.upper()] = v
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in OUT_FILES:
+                (out / name).unlink(missing_ok=True)
+            say.file = open(out / "gpu_check.txt", "w", encoding="utf-8")
+        except OSError as e:
+            raise CheckError(f"cannot write the output folder {out}: {e.strerror}") from None
+        site = install_wheels(args.wheels) if args.wheels else None
+        if site is not None:
+            sys.path.insert(0, str(site))
+        check_packages()
+        sys.path.insert(0, str(ROOT))
+        import torch
+        import train_gpt as T
+        hp_defaults = {k: v for k, v, _ in T.HPARAMS}
+        hparam_names = {k.lower() for k in hp_defaults} | {"preset", "smoke"}
+        presets = [x.strip() for x in args.presets.split(",") if x.strip()]
+        bad = [x for x in presets if x not in T.PRESETS]
+        if not presets or bad:
+            raise CheckError(f"--presets {args.presets!r}: choose from {', '.join(T.PRESETS)}")
+        unknown = [k for k in overrides if k not in hp_defaults]
+        if unknown:
+            raise CheckError(f"--env {', '.join(unknown)}: not a train_gpt.py variable")
+        if dry:
+            gpu = None
+        else:
+            if not torch.cuda.is_available():
+                raise CheckError(f"no CUDA device visible to torch {torch.__version__} ({sys.executable}); run on the GPU "
+                                 "machine, or use --cpu-dry-run to test this script's logic on the CPU")
+            gpu = gpu_probe(torch)
+        data = resolve_data(args)
+        args.val_tokens_used = min(args.val_tokens, data["val_tokens"])
+        work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        base_env = child_base_env(site, dry, hparam_names)
+    except CheckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if say.file:
+            say.file.write(f"error: {e}\n")
+        if site is not None:
+            shutil.rmtree(site, ignore_errors=True)
+        return 2
+
+    summary = dict(
+        version=1, mode="cpu-dry-run" if dry else "gpu", ok=False, partial=True,
+        host=dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda, executable=sys.executable,
+                  wheels_site=str(site) if site else None, gpu=gpu),
+        data=data["label"], data_info=dict(data, val_tokens_used=args.val_tokens_used),
+        settings=dict(seconds=args.seconds, val_tokens=args.val_tokens_used, size_limit=args.size_limit,
+                      presets=presets, env_overrides=overrides, max_total_s=args.max_total,
+                      expected_step_ms_1gpu=None if dry else {k: EXPECTED_STEP_MS[k] for k in presets if k in EXPECTED_STEP_MS}),
+        runs={}, extrapolation=dict(assumptions=ASSUMPTIONS, n_gpus=N_GPUS, train_budget_s=TRAIN_BUDGET_S,
+                                    eval_budget_s=EVAL_BUDGET_S),
+        checks={}, failures=[], out=str(out),
+    )
+    say(f"gpu_check: {summary['mode']} on {gpu['device'] if gpu else 'cpu'}, torch {torch.__version__}, "
+        f"data {data['label']} ({data['path']}: {data['train_tokens']:,} train / {data['val_tokens']:,} val tokens, "
+        f"using {args.val_tokens_used:,}), presets {','.join(presets)}, {args.seconds:g} s each, out {out}")
+    if gpu:
+        say(f"gpu: {json.dumps(gpu)}")
+    deadline = t_start + args.max_total
+    overhead = None
+    try:
+        for preset in presets:
+            env, plan = preset_env(preset, args, data, dry, hp_defaults | T.PRESETS[preset], overrides)
+            remaining = deadline - time.monotonic()
+            # training + the fixed part (start, compile, warm-up, evals, export) of the previous run, or a guess
+            need = 10 if dry else args.seconds + (overhead if overhead is not None else 150)
+            if remaining < need:
+                msg = f"{preset}: skipped, {remaining:.0f} s left of --max-total {args.max_total:g} (needs > {need:.0f} s)"
+                say(msg)
+                summary["failures"].append(msg)
+                summary["runs"][preset] = dict(ok=False, skipped=True)
+                continue
+            for name in (f"{preset}.txt", f"{preset}.console.txt"):
+                (out / name).unlink(missing_ok=True)
+            env.update(LOG_DIR=str(out), RUN_ID=preset, ARTIFACT=str(work / f"{preset}.ptz"))
+            say(f"--- {preset}: " + " ".join(f"{k}={v}" for k, v in env.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "LOG_DIR", "ARTIFACT")))
+            child = run_child(preset, base_env | env, out, remaining - 15)
+            log_path = out / f"{preset}.txt"
+            text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.exists() else ""
+            body = log_body(text) if text else [l for _, l in child["lines"]]
+            p = parse_log(body, hparam_names)
+            p["recompiles"] = sum(RECOMPILE in l for _, l in child["lines"])  # torch logs go to the console only
+            r = analyze(preset, child, p, plan, dry, hp_defaults, env)
+            summary["runs"][preset] = r
+            if r["ok"] and finite(r["train"]["train_ms"]):
+                overhead = 0.8 * (child["wall_s"] - r["train"]["train_ms"] / 1000)  # the record's is the larger
+            ex = extrapolate(preset, r)
+            if ex:
+                summary["extrapolation"][preset] = ex
+            for k, v in r["checks"].items():
+                summary["checks"][f"{preset}.{k}"] = v
+            if not r["ok"]:
+                why = "timed out (--max-total)" if child["timed_out"] else f"exit status {child['rc']}"
+                last = (p["errors"] or [l for _, l in child["lines"] if l.strip() and not any(t in l for t in TORCH_LOG_TAGS)] or ["(no output)"])[-1]
+                msg = f"{preset} run failed ({why}): {last.strip()[:300]}"
+                say(f"error: {msg}")
+                say(f"  last lines of {out / (preset + '.console.txt')}:")
+                for _, l in [x for x in child["lines"] if not any(t in x[1] for t in TORCH_LOG_TAGS)][-15:]:
+                    say(f"    {l}")
+                summary["failures"].append(msg)
+            write_summary(out, summary)
+    except KeyboardInterrupt:
+        summary["failures"].append("interrupted")
+    finally:
+        for d in (work, site):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+    failed = [k for k, v in summary["checks"].items() if v is False]
+    summary["failures"] += [f"check failed: {k}" for k in failed]
+    if {"record", "baseline"} <= summary["runs"].keys():
+        a, b = (summary["runs"][k].get("train", {}).get("step_ms") for k in ("record", "baseline"))
+        if finite(a, b) and b:
+            summary["comparison"] = dict(record_over_baseline_step_ms=round(a / b, 3))
+    summary["partial"] = False
+    summary["ok"] = not summary["failures"] and all(r.get("ok") for r in summary["runs"].values())
+    summary["wall_seconds"] = round(time.monotonic() - t_start, 1)
+    write_summary(out, summary)
+    report(summary)
+    return 0 if summary["ok"] else 1
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "summary.json")
+
+
+def fmt(x, spec=""):
+    return "-" if x is None else format(x, spec) if spec and isinstance(x, (int, float)) else str(x)
+
+
+def report(s: dict) -> None:
+    say("")
+    say(f"=== gpu_check {s['mode']}: data {s['data']}, {s['settings']['seconds']:g} s per preset, "
+        f"{s['wall_seconds']:g} s in all ===")
+    say(f"{'preset':9}{'steps':>6}{'ms/step':>9}{'tok/s':>11}{'peakGiB':>8} {'attn':5}{'comp':5}{'QAT@':>6}{'QATms':>12}"
+        f"{'pre bpb':>8}{'rt bpb':>8}{'slide':>8}{'total bytes':>12} size")
+    for name, r in s["runs"].items():
+        if r.get("skipped"):
+            say(f"{name:9} skipped")
+            continue
+        t, q, z = r["train"], r["qat"], r["size"] or {}
+        qms = f"{fmt(q.get('step_ms_before'), '.0f')}->{fmt(q.get('step_ms_after'), '.0f')}" if q.get("enabled") else "-"
+        say(f"{name:9}{fmt(t['steps']):>6}{fmt(t['step_ms'], '.1f'):>9}{fmt(t['tokens_per_s'], ',.0f'):>11}"
+            f"{fmt(t['peak_mem_gib'], '.1f'):>8} {fmt(r['attention']):5}{fmt(r['compile']):5}{fmt(q['step']):>6}{qms:>12}"
+            f"{fmt((r['pre_quant'] or {}).get('val_bpb'), '.4f'):>8}{fmt((r['roundtrip'] or {}).get('val_bpb'), '.4f'):>8}"
+            f"{fmt((r['sliding'] or {}).get('val_bpb'), '.4f'):>8}{fmt(z.get('total_bytes')):>12} "
+            f"{fmt(z.get('status'))}{'' if z.get('fits_16mb') is None else ' fits16MB' if z['fits_16mb'] else ' >16MB'}")
+        ph = " ".join(f"{k}:{fmt(v, '.1f')}" for k, v in r["phases_s"].items())
+        say(f"{'':9}phases_s {ph}")
+        tl = r["torch_logs"]
+        say(f"{'':9}recompiles {tl['recompiles_total']} (training {tl['recompiles_during_training']}), graph breaks "
+            f"{tl['graph_breaks']}; roundtrip {fmt((r['roundtrip'] or {}).get('tokens_per_s_incl_compile'), ',.0f')} tok/s "
+            f"(incl. compile), sliding {fmt((r['sliding'] or {}).get('tokens_per_s'), ',.0f')} tok/s")
+    for name in s["runs"]:
+        e = s["extrapolation"].get(name)
+        if e:
+            line = (f"8 GPUs x 600 s, {name}: <= {e['steps_in_600s_8gpu_upper_bound']:,} steps (>= {e['step_ms_8gpu_compute_only']} "
+                    f"ms/step + communication, not measurable on one GPU)")
+            if "public_8xh100_step_ms" in e:
+                line += f"; public 8xH100: {e['public_8xh100_step_ms']} ms/step"
+            if "sliding_fineweb_val_s_8gpu" in e:
+                line += f"; sliding eval of the full FineWeb val ~{e['sliding_fineweb_val_s_8gpu']} s"
+            say(line)
+    bad = [k for k, v in s["checks"].items() if v is False]
+    say(f"checks: {sum(v is True for v in s['checks'].values())} passed, {len(bad)} failed"
+        + (f" ({', '.join(bad)})" if bad else "") + f", {sum(v is None for v in s['checks'].values())} n/a")
+    for f in s["failures"]:
+        say(f"FAILED: {f}")
+    say(f"{'OK' if s['ok'] else 'NOT OK'}: summary {Path(s['out']) / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
