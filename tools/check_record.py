@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Check a record folder against every rule a reviewer checks; one line per rule, PASS or FAIL.
+
+Rules: the required files (README.md, submission.json, train_gpt.py, at least one training log); the folder name
+(YYYY-MM-DD_Name) and track; submission.json parses and has the upstream fields with the right types; every log
+finished with a final score; train_gpt.py equals the code recorded in each log (byte for byte, or a
+tools/pack_code.py copy of it; logs that hold no code are checked by their logged code size); train_gpt.py
+compiles; all logs ran the same script and configuration; distinct seeds; submission.json agrees with the logs
+(val_loss/val_bpb = mean over logs within the JSON's printed precision, bytes_code = the shipped script,
+bytes_total = the largest recomputed total, per-seed results); code bytes (the shipped train_gpt.py) + logged
+artifact bytes <= 16,000,000 for every log. Record track only: training <= 600 s with a cap of at most 600 s (the
+step in flight when the cap was hit is allowed: scripts check the clock between steps); final evaluation
+<= 600 s on the full validation split; 8 GPUs, H100, not a SMOKE run.
+
+Works on folders in the openai/parameter-golf upstream format too (train.log, final_int8_zlib_roundtrip_exact, ...).
+The track is read from the parent folder (records/track_<track>/), else submission.json's "track", else --track.
+Exit status 0 only when every rule passes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import decimal
+import glob
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.logparse import LIMIT, RECORD_SECONDS, TRACKS, Log, ToolError, cli, config_diff, mean_std  # noqa: E402
+from tools.pack_code import unpack  # noqa: E402
+
+REQUIRED = dict(author=str, github_id=str, name=str, blurb=str, date=str, val_loss=float, val_bpb=float,
+                bytes_total=int, bytes_code=int)
+_LOGLIKE = re.compile(rb"==== code: |^step:\d+|val_bpb[:=]", re.M)
+
+
+def find_logs(folder: str) -> list[str]:
+    """Text files that look like training logs, in the folder and its logs/ subfolder."""
+    out = []
+    for p in sorted(glob.glob(os.path.join(folder, "*")) + glob.glob(os.path.join(folder, "logs", "*"))):
+        if os.path.isfile(p) and p.endswith((".log", ".txt")) and os.path.basename(p) != "requirements.txt":
+            with open(p, "rb") as f:
+                if _LOGLIKE.search(f.read()):
+                    out.append(p)
+    return out
+
+
+def _close(json_value, actual) -> bool:
+    """Equal within the precision the JSON number was written with (plus float noise)."""
+    if actual is None or not isinstance(json_value, decimal.Decimal | int):
+        return False
+    exp = json_value.as_tuple().exponent if isinstance(json_value, decimal.Decimal) else 0
+    return abs(float(json_value) - actual) <= 0.5 * 10.0 ** min(exp, 0) + 1e-9
+
+
+def track_of(folder: str, sub: dict | None, override: str | None) -> tuple[str, str]:
+    parent = os.path.basename(os.path.dirname(os.path.abspath(folder)))
+    if override:
+        return override, "--track"
+    if parent.startswith("track_") and parent[6:] in TRACKS:
+        return parent[6:], f"folder {parent}"
+    if sub and sub.get("track") in TRACKS:
+        return sub["track"], "submission.json"
+    return TRACKS[0], "assumed (no track folder or field)"
+
+
+def check(folder: str, track: str | None = None, name: str | None = None) -> tuple[list[tuple[bool, str, str]], list[str]]:
+    """All rules for `folder` -> ([(ok, rule, detail)], notes). `name` overrides the folder's name (staging)."""
+    if not os.path.isdir(folder):
+        raise ToolError(f"{folder} is not a folder")
+    res, notes = [], []
+    rule = lambda ok, r, d: res.append((bool(ok), r, d))  # noqa: E731
+    p = lambda f: os.path.join(folder, f)  # noqa: E731
+    missing = [f for f in ("README.md", "submission.json", "train_gpt.py") if not os.path.isfile(p(f))]
+    paths = find_logs(folder)
+    rule(not missing and paths, "files", f"missing {', '.join(missing + ([] if paths else ['training log']))}" if missing or not paths
+         else f"README.md submission.json train_gpt.py + {len(paths)} log(s)")
+
+    sub, raw_sub = None, None
+    if os.path.isfile(p("submission.json")):
+        try:
+            with open(p("submission.json"), encoding="utf-8") as f:
+                raw_sub = json.load(f, parse_float=decimal.Decimal)
+            sub = json.loads(json.dumps(raw_sub, default=float)) if isinstance(raw_sub, dict) else None
+            if sub is None:
+                rule(False, "submission.json", "is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            rule(False, "submission.json", f"does not parse: {e}")
+    if sub is not None:
+        bad = [k for k, t in REQUIRED.items() if k not in sub or not (
+            isinstance(sub[k], t) or (t is float and isinstance(sub[k], int))) or isinstance(sub[k], bool) or (t is str and not sub[k].strip())]
+        rule(not bad, "submission.json", f"missing or invalid: {', '.join(bad)}" if bad else "parses; upstream fields present")
+
+    trk, src = track_of(folder, sub, track)
+    base = name or os.path.basename(os.path.abspath(folder))
+    m = re.fullmatch(r"(\d{4}-\d{2}-\d{2})_[A-Za-z0-9][\w.+-]*", base)
+    try:
+        date_ok = bool(m) and datetime.date.fromisoformat(m.group(1)) is not None
+    except ValueError:
+        date_ok = False
+    conflict = sub and sub.get("track") not in (None, trk)
+    rule(date_ok and not conflict, "folder", f"{base}: track {trk} ({src})" + ("" if date_ok else "; name must be YYYY-MM-DD_Name")
+         + (f"; submission.json says track {sub.get('track')}" if conflict else ""))
+
+    logs, broken = [], []
+    for path in paths:
+        try:
+            lg = Log(path)
+        except ToolError as e:
+            broken.append(str(e))
+            continue
+        if lg.error or lg.val_bpb is None:
+            broken.append(f"{lg.name}: " + (f"run failed: {lg.error}" if lg.error else "no final score line"))
+        else:
+            logs.append(lg)
+    rule(logs and not broken, "logs", "; ".join(broken) if broken else
+         ", ".join(f"{lg.name}: {lg.metric_name} val_bpb {lg.val_bpb:.8f}" for lg in logs) or "none")
+
+    script = None
+    if os.path.isfile(p("train_gpt.py")):
+        with open(p("train_gpt.py"), "rb") as f:
+            script = f.read()
+    if script is not None and logs:
+        inner, bad, how = unpack(script), [], set()
+        for lg in logs:
+            if lg.code is not None:
+                if lg.code == script:
+                    how.add("identical")
+                elif inner is not None and lg.code == inner:
+                    how.add("packed copy of the logged code")
+                elif unpack(lg.code) is not None and unpack(lg.code) == script:
+                    how.add("unpacked source of the logged packed code")
+                else:
+                    bad.append(f"{lg.name} logged different code ({len(lg.code)} bytes, sha256 {lg.code_sha[:12]}; "
+                               f"train_gpt.py has {len(script)} bytes)")
+            elif lg.logged_code_bytes is not None:
+                (how.add("size only: the log holds no code text") if lg.logged_code_bytes == len(script)
+                 else bad.append(f"{lg.name} logged code size {lg.logged_code_bytes}, train_gpt.py has {len(script)} bytes"))
+            else:
+                bad.append(f"{lg.name} records neither the code nor its size")
+        rule(not bad, "code", "; ".join(bad) if bad else f"train_gpt.py matches every log ({', '.join(sorted(how))})")
+    elif script is not None:
+        rule(False, "code", "no log to compare train_gpt.py with")
+    if script is not None:
+        errs = []
+        for label, src_ in (("train_gpt.py", script), ("its packed source", unpack(script))):
+            if src_ is not None:
+                try:
+                    compile(src_, label, "exec", dont_inherit=True)
+                except (SyntaxError, ValueError) as e:
+                    errs.append(f"{label}: {e.__class__.__name__}: {e}")
+        rule(not errs, "compiles", "; ".join(errs) if errs else "train_gpt.py compiles" + (" (and its packed source)" if unpack(script) else ""))
+
+    if len(logs) > 1:
+        diff = [f"{lg.name} ran different code" for lg in logs[1:] if lg.code_sha != logs[0].code_sha]
+        diff += [f"{lg.name} vs {logs[0].name}: {config_diff(logs[0], lg)}" for lg in logs[1:] if lg.config != logs[0].config]
+        rule(not diff, "same run", "; ".join(diff) if diff else f"{len(logs)} logs share script and configuration")
+    seeds = [lg.seed for lg in logs]
+    dup = sorted({s for s in seeds if s is not None and seeds.count(s) > 1})
+    if logs:
+        rule(not dup, "seeds", f"repeated seed(s) {dup}" if dup else f"{len(logs)} run(s), seeds {seeds}")
+
+    totals = [(lg.artifact_bytes + len(script), lg) for lg in logs if lg.artifact_bytes is not None] if script is not None else []
+    if script is not None and logs:
+        no_art = [lg.name for lg in logs if lg.artifact_bytes is None]
+        big = max(totals, key=lambda x: x[0]) if totals else None
+        rule(not no_art and big and big[0] <= LIMIT, "size",
+             f"no artifact size in {', '.join(no_art)}" if no_art else
+             f"largest total {big[0]:,} = code {len(script):,} + artifact {big[1].artifact_bytes:,} ({big[1].name}); limit {LIMIT:,}")
+
+    if sub is not None and logs:
+        bad = []
+        for key in ("val_loss", "val_bpb"):
+            vals = [getattr(lg, key) for lg in logs]
+            if None in vals:
+                continue
+            mean = mean_std(vals)[0]
+            if key in raw_sub and not _close(raw_sub[key], mean):
+                bad.append(f"{key} {raw_sub[key]} but the logs' mean is {mean:.8f}")
+        if script is not None and isinstance(sub.get("bytes_code"), int) and sub["bytes_code"] != len(script):
+            bad.append(f"bytes_code {sub['bytes_code']} but train_gpt.py has {len(script)} bytes")
+        allowed = {t for t, _ in totals} | {lg.logged_total for lg in logs if lg.logged_total}
+        if isinstance(sub.get("bytes_total"), int) and totals and sub["bytes_total"] not in allowed:
+            bad.append(f"bytes_total {sub['bytes_total']} but the largest recomputed total is {max(totals, key=lambda x: x[0])[0]}")
+        per = raw_sub.get("seed_results")
+        if isinstance(per, dict):
+            by_seed = {str(lg.seed): lg for lg in logs}
+            for s, r in per.items():
+                lg = by_seed.get(str(s))
+                if lg is None:
+                    bad.append(f"seed_results has seed {s}, no log has it")
+                elif isinstance(r, dict):
+                    bad += [f"seed {s}: {k} {r[k]} but its log says {getattr(lg, k)}" for k in ("val_loss", "val_bpb")
+                            if k in r and not _close(r[k], getattr(lg, k))]
+            bad += [f"seed {s} has a log but no seed_results entry" for s in by_seed if s not in {str(k) for k in per}]
+        if isinstance(sub.get("seeds"), list) and sorted(map(str, sub["seeds"])) != sorted(str(lg.seed) for lg in logs):
+            bad.append(f"seeds {sub['seeds']} but the logs have {seeds}")
+        rule(not bad, "agrees", "; ".join(bad) if bad else "submission.json matches the logs (scores, bytes, seeds)")
+
+    if trk == "10min_16mb" and logs:
+        t_bad, t_max = [], 0.0
+        for lg in logs:
+            cap = lg.hparams.get("max_wallclock_seconds")
+            t, avg = lg.train_ms, lg.step_avg_ms or 0.0
+            if t is None:
+                t_bad.append(f"{lg.name}: no training time logged")
+                continue
+            t_max = max(t_max, t / 1000)
+            if cap is not None and not 0 < float(cap) <= RECORD_SECONDS:
+                t_bad.append(f"{lg.name}: max_wallclock_seconds {cap} (must be in (0, {RECORD_SECONDS:.0f}])")
+            if t - avg > 1000 * RECORD_SECONDS:
+                t_bad.append(f"{lg.name}: trained {t / 1000:.2f} s")
+        rule(not t_bad, "train time", "; ".join(t_bad) if t_bad else f"longest {t_max:.2f} s <= {RECORD_SECONDS:.0f} s (+ the step in flight at the cap)")
+        e_bad, e_max = [], None
+        for lg in logs:
+            e = lg.eval_seconds
+            if e is not None:
+                e_max = max(e_max or 0.0, e)
+                if e > RECORD_SECONDS:
+                    e_bad.append(f"{lg.name}: final evaluation took {e:.1f} s")
+            if lg.hparams.get("val_max_tokens", "0") != "0":
+                e_bad.append(f"{lg.name}: val_max_tokens {lg.hparams['val_max_tokens']} (not the full validation split)")
+        rule(not e_bad, "eval time", "; ".join(e_bad) if e_bad else
+             (f"longest final evaluation {e_max:.1f} s <= {RECORD_SECONDS:.0f} s" if e_max is not None else "not logged") + ", full validation split")
+        h_bad = []
+        for lg in logs:
+            if lg.world_size is not None and lg.world_size != 8:
+                h_bad.append(f"{lg.name}: world_size {lg.world_size}")
+            if lg.device is not None and "H100" not in lg.device:
+                h_bad.append(f"{lg.name}: device {lg.device}")
+            if lg.hparams.get("smoke", "0") != "0":
+                h_bad.append(f"{lg.name}: a SMOKE run")
+        rule(not h_bad, "hardware", "; ".join(h_bad) + " (the record track is 8xH100 SXM; use track non_record_16mb)" if h_bad else
+             f"8 GPUs{', ' + logs[0].device if logs[0].device else ''}")
+    elif logs:
+        ts = [lg.train_ms / 1000 for lg in logs if lg.train_ms is not None]
+        rule(True, "time and hardware", f"no limits on track {trk}" + (f" (longest training {max(ts):.1f} s)" if ts else ""))
+
+    if os.path.isfile(p("README.md")):
+        with open(p("README.md"), encoding="utf-8", errors="replace") as f:
+            n = f.read().count("<!-- AUTHOR:")
+        if n:
+            notes.append(f"README.md still has {n} '<!-- AUTHOR: ... -->' place(s) for your prose")
+    return res, notes
+
+
+def report(res, notes, out=sys.stdout) -> bool:
+    for ok, r, d in res:
+        print(f"{'PASS' if ok else 'FAIL'} {r}: {d}", file=out)
+    for n in notes:
+        print(f"note: {n}", file=out)
+    good = sum(ok for ok, _, _ in res)
+    print(f"{good}/{len(res)} rules pass", file=out)
+    return good == len(res)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", help="the record folder, e.g. records/track_10min_16mb/2026-03-20_MyIdea")
+    ap.add_argument("--track", choices=TRACKS, help="the track, when the folder is not under records/track_<track>/")
+    a = ap.parse_args(argv)
+    return 0 if report(*check(a.folder, a.track)) else 1
+
+
+if __name__ == "__main__":
+    cli(main)
