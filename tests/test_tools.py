@@ -382,3 +382,31 @@ def test_pack_code_cli_round_trip(tmp_path):
     assert rc == 0 and (tmp_path / "back.py").read_bytes() == src.read_bytes()
     rc, _, err = tool("pack_code", tmp_path / "p.py", "-o", tmp_path / "pp.py")
     assert rc == 1 and err == f"error: {tmp_path / 'p.py'} is already packed\n"
+
+
+def _as_record_run(raw: bytes, train_ms: int) -> bytes:
+    """The smoke log edited to look like an 8xH100 record run whose training stopped at `train_ms`."""
+    text = raw.split(TAIL, 1)[1].decode()
+    py = re.search(r"^python:.*$", text, re.M).group()
+    done = re.search(r"^train_done .*$", text, re.M).group()
+    out = raw
+    for old, new in ((py, re.sub(r"device:.* world_size:\d+", "device:NVIDIA H100 80GB HBM3 world_size:8", py)),
+                     (done, f"train_done steps:40 train_time:{train_ms}ms step_avg:{train_ms / 40:.2f}ms"),
+                     ("smoke:1\n", "smoke:0\n"), ("max_wallclock_seconds:0.0\n", "max_wallclock_seconds:600.0\n"),
+                     ("val_max_tokens:32768\n", "val_max_tokens:0\n")):
+        out = variant(out, edit=(old, new))
+    return out
+
+
+@pytest.mark.parametrize("train_ms, ok", [(600020, True), (640000, False)])
+def test_record_track_time_rule(run, tmp_path, train_ms, ok):
+    (tmp_path / "r.log").write_bytes(_as_record_run(run["raw"], train_ms))
+    out = tmp_path / "track_10min_16mb" / "2026-01-01_Timed"
+    if ok:  # the step in flight when the 600 s cap hit is allowed
+        assert call(make_record.main, tmp_path / "r.log", "--name", "Timed", "--author", "a", "--github-id", "a", "--out", out) == 0
+        res = dict((r, (k, d)) for k, r, d in check_record.check(str(out))[0])
+        assert res["train time"][0] and res["hardware"][0] and res["eval time"][0] and "full validation split" in res["eval time"][1]
+    else:
+        with pytest.raises(ToolError, match="not written"):
+            call(make_record.main, tmp_path / "r.log", "--name", "Timed", "--author", "a", "--github-id", "a", "--out", out)
+        assert not out.exists()

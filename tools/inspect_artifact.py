@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", help="an artifact written by train_gpt.py (LOG_DIR/RUN_ID.ptz)")
     ap.add_argument("--sort", choices=["file", "bytes", "zstd"], default="file", help="row order (default: as stored)")
+    ap.add_argument("--level", type=int, default=22, choices=range(1, 23), metavar="1..22",
+                    help="zstd level of the per-tensor columns (default 22, as the exporter; lower is faster)")
     a = ap.parse_args(argv)
     try:
         with open(a.artifact, "rb") as f:
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
         meta, entries = tg.unpack_artifact(blob, a.artifact)
     except tg.UserError as e:
         raise ToolError(str(e)) from None
-    rs = rows(entries)
+    rs = rows(entries, a.level)
     if a.sort != "file":
         rs.sort(key=lambda r: -r[a.sort])
     cfg = " ".join(f"{k.lower()}={v}" for k, v in meta.get("config", {}).items())

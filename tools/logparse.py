@@ -99,6 +99,8 @@ class Log:
                 self.run_id, in_hp = line[7:], True
             elif line.startswith("python:") and "torch" in t:
                 self.versions = t
+                if m := re.search(r" device:(.*?) world_size:", line):  # GPU names hold spaces
+                    self.versions["device"] = m.group(1)
             elif line.startswith("error: "):
                 self.error = line[7:]
             elif head.startswith("step:") and "/" in head:

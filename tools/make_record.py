@@ -198,10 +198,12 @@ def main(argv=None) -> int:
     ap.add_argument("--github-id", required=True)
     ap.add_argument("--blurb", help="one-sentence summary for submission.json (default: generated from the facts)")
     ap.add_argument("--track", choices=TRACKS, default=TRACKS[0], help="default 10min_16mb")
-    ap.add_argument("--date", default=datetime.date.today().isoformat(), help="YYYY-MM-DD (default today)")
+    ap.add_argument("--date", help="YYYY-MM-DD (default: the date --out's name starts with, else today)")
     ap.add_argument("--out", help="folder to create (default records/track_<track>/<date>_<name>/)")
     ap.add_argument("--pack", action="store_true", help="ship a self-extracting compressed train_gpt.py (tools/pack_code.py)")
     a = ap.parse_args(argv)
+    m = re.match(r"\d{4}-\d{2}-\d{2}(?=_)", os.path.basename(os.path.normpath(a.out or "")))
+    a.date = a.date or (m.group() if m else datetime.date.today().isoformat())
     try:
         datetime.date.fromisoformat(a.date)
     except ValueError:
