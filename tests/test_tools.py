@@ -410,3 +410,11 @@ def test_record_track_time_rule(run, tmp_path, train_ms, ok):
         with pytest.raises(ToolError, match="not written"):
             call(make_record.main, tmp_path / "r.log", "--name", "Timed", "--author", "a", "--github-id", "a", "--out", out)
         assert not out.exists()
+
+
+def test_committed_record_folders_pass_check_record():
+    folders = sorted(p for p in (ROOT / "records").glob("track_*/*") if p.is_dir())
+    assert folders, "records/ should hold at least the example folder"
+    for folder in folders:
+        res, _ = check_record.check(str(folder))
+        assert all(ok for ok, _, _ in res), (folder.name, [r for r in res if not r[0]])

@@ -1,0 +1,1175 @@
+"""Parameter-golf reference script: train a small GPT, export a mixed int6/int8 + zstd artifact, score it.
+
+Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py          (record recipe, 600 s cap)
+      SMOKE=1 python train_gpt.py                                      (tiny CPU run on the sample data)
+      EVAL_ONLY=1 ARTIFACT=final.ptz torchrun ... train_gpt.py         (re-score an artifact)
+Every setting is an environment variable; see HPARAMS below. Importing this file has no side effects.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import struct
+import sys
+import time
+import uuid
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # FlashAttention 3 (Hopper) when installed; PyTorch SDPA otherwise
+    from flash_attn_interface import flash_attn_func as _fa3
+except ImportError:
+    _fa3 = None
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, reported as one line without a traceback."""
+
+
+# ----------------------------------------------------------------------------- hyperparameters
+# (ENV_NAME, default, what it does). The type is the default's type; lists are comma-separated strings.
+HPARAMS = [
+    ("DATA_PATH", "./data/datasets/fineweb10B_sp1024", "directory with *_train_*.bin and *_val_*.bin shards"),
+    ("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model: byte counts for val_bpb"),
+    ("RUN_ID", "", "name of the log and artifact (default: random)"),
+    ("LOG_DIR", "logs", "where the log and the artifact are written"),
+    ("ARTIFACT", "", "artifact path (default LOG_DIR/RUN_ID.ptz); the file EVAL_ONLY reads"),
+    ("EVAL_ONLY", 0, "1: load ARTIFACT and evaluate it, no training"),
+    ("SEED", 1337, "random seed"),
+    ("COMPILE", -1, "torch.compile the model: 1 on, 0 off, -1 on for CUDA only"),
+    # model
+    ("VOCAB_SIZE", 1024, "tokenizer vocabulary size"),
+    ("NUM_LAYERS", 11, "transformer blocks"),
+    ("MODEL_DIM", 512, "residual width"),
+    ("NUM_HEADS", 8, "query heads"),
+    ("NUM_KV_HEADS", 4, "key/value heads (grouped-query attention)"),
+    ("MLP_MULT", 3, "MLP hidden width = MLP_MULT * MODEL_DIM"),
+    ("LOGIT_SOFTCAP", 30.0, "logits = cap * tanh(logits / cap): keeps early logits tame"),
+    ("ROPE_BASE", 10000.0, "RoPE base frequency"),
+    ("ROPE_DIMS", 16, "partial RoPE: rotate only the first N dims of each head (0 = all)"),
+    ("QK_GAIN_INIT", 1.5, "initial per-head gain on the RMS-normalized queries"),
+    ("XSA_LAST_N", 4, "exclusive self-attention on the last N layers: remove each output's own-value component"),
+    ("LN_SCALE", 1, "scale block-input norms by 1/sqrt(layer+1): damps deep layers early"),
+    ("SMEAR_GATE", 1, "blend each position's embedding with the previous one through a learned gate"),
+    ("BIGRAM_VOCAB_SIZE", 2048, "hashed (previous, current) token embedding buckets (0 = off)"),
+    ("BIGRAM_DIM", 128, "bigram embedding width, projected to MODEL_DIM"),
+    ("VE_LAYERS", "-2,-1", "value embeddings: layers (negative = from the end) whose V gets a token embedding added ('' = off)"),
+    ("VE_DIM", 128, "value-embedding table width, projected to the KV width"),
+    # data and schedule
+    ("TRAIN_SEQ_LEN", 2048, "training sequence length"),
+    ("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of world size"),
+    ("MICRO_BATCHES", 8, "micro-batches per step over all ranks (each rank runs MICRO_BATCHES / world size)"),
+    ("ITERATIONS", 20000, "maximum optimizer steps"),
+    ("WARMUP_STEPS", 20, "steps run then undone before training: compiles and warms kernels"),
+    ("WARMDOWN_ITERS", 3500, "linear LR decay over the last N steps (measured in wall-clock when capped)"),
+    ("MAX_WALLCLOCK_SECONDS", 600.0, "training time cap (0 = none)"),
+    ("VAL_LOSS_EVERY", 0, "evaluate every N steps during training (0 = only at the end)"),
+    ("TRAIN_LOG_EVERY", 200, "log the training loss every N steps"),
+    # optimizer
+    ("MATRIX_LR", 0.025, "Muon learning rate for block matrices"),
+    ("EMBED_LR", 0.035, "AdamW learning rate for embedding tables"),
+    ("SCALAR_LR", 0.025, "AdamW learning rate for vectors and scalars"),
+    ("MUON_MOMENTUM", 0.99, "Muon momentum after warm-up"),
+    ("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0"),
+    ("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to ramp Muon momentum"),
+    ("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations"),
+    ("MUON_WD", 0.04, "decoupled weight decay on Muon matrices: smaller weights, finer int6 grid"),
+    ("ADAM_WD", 0.04, "decoupled weight decay on AdamW parameters"),
+    ("BETA1", 0.9, "AdamW beta1"),
+    ("BETA2", 0.95, "AdamW beta2"),
+    ("ADAM_EPS", 1e-8, "AdamW epsilon"),
+    ("GRAD_CLIP_NORM", 0.3, "clip the global gradient norm (0 = off)"),
+    ("EMA_DECAY", 0.997, "exponential moving average of the weights, evaluated and exported (0 = off)"),
+    # quantization and artifact
+    ("QAT_THRESHOLD", 0.15, "late QAT: fake-quantize once the LR multiplier drops below this (0 = never, 1 = always)"),
+    ("QUANT_CLIPS", "1.0,0.98,0.96,0.93,0.9", "per-row clip candidates (fractions of the row max); least squared error wins"),
+    ("QUANT_MIN_NUMEL", 65536, "matrices with at most this many values stay fp16"),
+    ("SIZE_LIMIT_BYTES", 16000000, "cap on code + artifact bytes; the exporter shrinks the artifact to fit"),
+    # evaluation
+    ("VAL_MAX_TOKENS", 0, "evaluate on this many validation tokens (0 = whole split)"),
+    ("EVAL_SEQ_LEN", 0, "evaluation window length (0 = TRAIN_SEQ_LEN)"),
+    ("EVAL_STRIDE", 64, "sliding-window stride for the final score (0 = skip the sliding pass)"),
+    ("EVAL_BATCH_SEQS", 32, "windows per evaluation forward pass"),
+]
+# Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
+ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
+             "ROPE_BASE", "ROPE_DIMS", "XSA_LAST_N", "LN_SCALE", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
+             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN"]
+PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
+    "record": {},
+    "baseline": dict(NUM_LAYERS=9, MLP_MULT=2, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288, ROPE_DIMS=0, XSA_LAST_N=0,
+                     LN_SCALE=0, SMEAR_GATE=0, BIGRAM_VOCAB_SIZE=0, VE_LAYERS="", MATRIX_LR=0.04, EMBED_LR=0.05,
+                     SCALAR_LR=0.04, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500,
+                     MUON_WD=0.0, ADAM_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_DECAY=0.0, QAT_THRESHOLD=0.0, QUANT_CLIPS="1.0",
+                     WARMDOWN_ITERS=1200, EVAL_STRIDE=0),
+}
+SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_sample.py), seconds end to end
+    DATA_PATH="./data/datasets/stdlib_sp1024", TOKENIZER_PATH="./data/tokenizers/stdlib_1024_bpe.model",
+    NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096,
+    MICRO_BATCHES=2, ITERATIONS=40, WARMUP_STEPS=2, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0.0, TRAIN_LOG_EVERY=10,
+    MUON_MOMENTUM_WARMUP_STEPS=20, EMA_DECAY=0.9, QUANT_MIN_NUMEL=4096, VAL_MAX_TOKENS=32768, BIGRAM_VOCAB_SIZE=512,
+    BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, SIZE_LIMIT_BYTES=16000000,
+)
+
+
+def parse_hparams(env=None) -> dict:
+    """Hyperparameters from the environment: explicit variable > SMOKE > PRESET > default."""
+    env = os.environ if env is None else env
+    preset = env.get("PRESET", "record")
+    if preset not in PRESETS:
+        raise UserError(f"PRESET={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    defaults = {k: d for k, d, _ in HPARAMS} | PRESETS[preset]
+    smoke = env.get("SMOKE", "0")
+    if smoke not in ("0", "1", ""):
+        raise UserError(f"SMOKE={smoke!r} must be 0 or 1")
+    if smoke == "1":
+        defaults |= SMOKE
+    hp = {"PRESET": preset, "SMOKE": int(smoke == "1")}
+    for name, default, _ in HPARAMS:
+        raw, d = env.get(name), defaults[name]
+        if raw is None or raw == "" and not isinstance(d, str):
+            hp[name] = d
+            continue
+        try:
+            hp[name] = type(d)(raw) if not isinstance(d, int) else int(raw)
+        except ValueError:
+            raise UserError(f"{name}={raw!r} is not a valid {type(d).__name__}") from None
+        if isinstance(d, float) and not math.isfinite(hp[name]):
+            raise UserError(f"{name}={raw!r} must be finite")
+    return hp
+
+
+def check_hparams(hp: dict, world: int) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise UserError(msg)
+    for k in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS"):
+        need(hp[k] > 0, f"{k}={hp[k]} must be positive")
+    need(hp["VOCAB_SIZE"] <= 65536, f"VOCAB_SIZE={hp['VOCAB_SIZE']} does not fit the uint16 shards")
+    need(hp["MODEL_DIM"] % hp["NUM_HEADS"] == 0, f"MODEL_DIM={hp['MODEL_DIM']} is not divisible by NUM_HEADS={hp['NUM_HEADS']}")
+    need(hp["NUM_HEADS"] % hp["NUM_KV_HEADS"] == 0, f"NUM_HEADS={hp['NUM_HEADS']} is not divisible by NUM_KV_HEADS={hp['NUM_KV_HEADS']}")
+    hd = hp["MODEL_DIM"] // hp["NUM_HEADS"]
+    need(hd % 2 == 0 and 0 <= hp["ROPE_DIMS"] <= hd and hp["ROPE_DIMS"] % 2 == 0, f"ROPE_DIMS={hp['ROPE_DIMS']} must be even and at most the head dim {hd}")
+    need(0 <= hp["XSA_LAST_N"] <= hp["NUM_LAYERS"], f"XSA_LAST_N={hp['XSA_LAST_N']} must be in 0..NUM_LAYERS")
+    ve_layers(hp)
+    need(0 <= hp["EMA_DECAY"] < 1, f"EMA_DECAY={hp['EMA_DECAY']} must be in [0, 1)")
+    need(0 <= hp["QAT_THRESHOLD"] <= 1, f"QAT_THRESHOLD={hp['QAT_THRESHOLD']} must be in [0, 1]")
+    clips(hp)
+    if hp["EVAL_ONLY"]:
+        return
+    L = hp["TRAIN_SEQ_LEN"]
+    mb = hp["MICRO_BATCHES"]
+    need(mb > 0 and mb % world == 0, f"MICRO_BATCHES={mb} must be a positive multiple of the world size {world}")
+    need(hp["TRAIN_BATCH_TOKENS"] % (mb * L) == 0,
+         f"TRAIN_BATCH_TOKENS={hp['TRAIN_BATCH_TOKENS']} is not divisible by MICRO_BATCHES {mb} x TRAIN_SEQ_LEN {L}")
+    need(hp["ITERATIONS"] > 0 and hp["WARMUP_STEPS"] >= 0 and hp["WARMDOWN_ITERS"] >= 0, "ITERATIONS must be positive, WARMUP_STEPS and WARMDOWN_ITERS non-negative")
+
+
+def eval_len(hp):
+    return hp["EVAL_SEQ_LEN"] or hp["TRAIN_SEQ_LEN"]
+
+
+def ve_layers(hp) -> list[int]:
+    n, out = hp["NUM_LAYERS"], []
+    for tok in filter(None, str(hp["VE_LAYERS"]).replace(" ", "").split(",")):
+        try:
+            i = int(tok)
+        except ValueError:
+            raise UserError(f"VE_LAYERS={hp['VE_LAYERS']!r}: {tok!r} is not a layer index") from None
+        if not -n <= i < n:
+            raise UserError(f"VE_LAYERS={hp['VE_LAYERS']!r}: layer {i} does not exist with NUM_LAYERS={n}")
+        out.append(i % n)
+    return sorted(set(out))
+
+
+def clips(hp) -> list[float]:
+    try:
+        c = [float(x) for x in str(hp["QUANT_CLIPS"]).split(",")]
+    except ValueError:
+        raise UserError(f"QUANT_CLIPS={hp['QUANT_CLIPS']!r} must be comma-separated numbers") from None
+    if not c or not all(0 < x <= 1 for x in c):
+        raise UserError(f"QUANT_CLIPS={hp['QUANT_CLIPS']!r}: each clip must be in (0, 1]")
+    return c
+
+
+# ----------------------------------------------------------------------------- data
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256  # challenge shard header: 256 little-endian int32
+
+
+def read_shard_header(path: str) -> int:
+    """Validate a shard's header and size; return its token count."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    except OSError as e:
+        raise UserError(f"cannot read shard {path}: {e.strerror}") from None
+    if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise UserError(f"corrupt shard {path}: bad header (expected magic {SHARD_MAGIC}, version {SHARD_VERSION}); re-download or rebuild it")
+    n = int(header[2])
+    if n < 0 or size != 4 * SHARD_HEADER_INTS + 2 * n:
+        raise UserError(f"corrupt shard {path}: header says {n} tokens ({4 * SHARD_HEADER_INTS + 2 * n} bytes) but the file has {size} bytes; re-download or rebuild it")
+    return n
+
+
+def load_data_shard(path: str) -> np.ndarray:
+    """All tokens of one shard as a uint16 array, after full header/size validation."""
+    n = read_shard_header(path)
+    return np.fromfile(path, dtype="<u2", count=n, offset=4 * SHARD_HEADER_INTS)
+
+
+def shard_files(hp, split: str) -> list[str]:
+    pattern = os.path.join(hp["DATA_PATH"], f"*_{split}_*.bin")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        hint = " (build it: python data/build_sample.py)" if hp["SMOKE"] else " (download it: python data/cached_challenge_fineweb.py --variant sp1024)"
+        raise UserError(f"no {split} shards: {pattern} matched nothing{hint}")
+    return files
+
+
+class TokenStream:
+    """The training shards as one endless stream of tokens, read in order and wrapped around."""
+
+    def __init__(self, files: list[str]):
+        self.files, self.idx, self.pos = files, 0, 0
+        self.tokens = load_data_shard(files[0])
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.idx = (self.idx + 1) % len(self.files)
+                self.tokens, self.pos = load_data_shard(self.files[self.idx]), 0
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each step takes the next TRAIN_BATCH_TOKENS (+1) tokens of the stream as B sequences of length L;
+    rank r keeps sequences [r*B/W, (r+1)*B/W), so the global batch is the same for any world size."""
+
+    def __init__(self, files, rank, world, device):
+        self.stream, self.rank, self.world, self.device = TokenStream(files), rank, world, device
+
+    def next_batch(self, batch_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        chunk = self.stream.take(batch_tokens + 1)
+        self.stream.pos -= 1  # the extra target token is also the next step's first input (take() leaves pos >= 1)
+        per_rank = batch_tokens // self.world
+        span = torch.from_numpy(chunk[self.rank * per_rank: (self.rank + 1) * per_rank + 1].astype(np.int64))
+        span = span.to(self.device, non_blocking=True)
+        return span[:-1].view(-1, seq_len), span[1:].view(-1, seq_len)
+
+
+def load_validation(hp) -> tuple[Tensor, int]:
+    """Validation tokens (a prefix if VAL_MAX_TOKENS) as int32, and the full split's length."""
+    files = shard_files(hp, "val")
+    full = sum(read_shard_header(f) for f in files)
+    tokens = np.concatenate([load_data_shard(f) for f in files])
+    if hp["VAL_MAX_TOKENS"] > 0:
+        tokens = tokens[: hp["VAL_MAX_TOKENS"]]
+    if len(tokens) < eval_len(hp) + 1:
+        raise UserError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {eval_len(hp)} + 1; "
+                        "lower EVAL_SEQ_LEN/TRAIN_SEQ_LEN or raise VAL_MAX_TOKENS")
+    return torch.from_numpy(tokens.astype(np.int32)), full
+
+
+def byte_luts(hp, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token byte counts for val_bpb, exactly as the challenge defines them:
+    control/unknown/unused ids are boundaries with 0 bytes, byte pieces 1, other pieces the UTF-8 length without
+    the leading '▁', plus 1 for that space unless the previous token is a boundary."""
+    import sentencepiece as spm
+    path = hp["TOKENIZER_PATH"]
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer not found: {path} (set TOKENIZER_PATH)")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError):
+        raise UserError(f"{path} is not a SentencePiece model") from None
+    if sp.vocab_size() != hp["VOCAB_SIZE"]:
+        raise UserError(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={hp['VOCAB_SIZE']}; set VOCAB_SIZE to match")
+    n = sp.vocab_size()
+    base, lead, bound = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.zeros(n, np.bool_)
+    for i in range(n):
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
+            bound[i] = True
+        elif sp.IsByte(i):
+            base[i] = 1
+        else:
+            piece = sp.IdToPiece(i)
+            lead[i] = piece.startswith("\u2581")
+            base[i] = len(piece[int(lead[i]):].encode("utf-8"))
+    return tuple(torch.from_numpy(a).to(device) for a in (base, lead, bound))
+
+
+# ----------------------------------------------------------------------------- model
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class QLinear(nn.Module):
+    """Bias-free linear layer whose weight ships as int6 (if large enough). With late QAT it computes with
+    w + stopgrad(Q(w) - w), Q being the exporter's own quantizer, once the `qat` buffer is switched on."""
+
+    def __init__(self, fan_in: int, fan_out: int, bits: int = 6, zero_init: bool = False, out_proj: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
+        self.bits, self.zero_init, self.out_proj = bits, zero_init, out_proj
+        self.register_buffer("qat", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.clips: list[float] | None = None  # set by GPT when QAT can switch on; None = no fake-quant ops at all
+
+    def qweight(self) -> Tensor:
+        return self.weight if self.clips is None else fake_quant(self.weight, self.bits, self.clips, self.qat)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.qweight().to(x.dtype))
+
+
+class QEmbedding(QLinear):
+    """Embedding table (vocab x dim), shipped as int8 per row, fake-quantized like QLinear."""
+
+    def __init__(self, num: int, dim: int, std: float):
+        super().__init__(dim, num, bits=8)
+        self.std = std
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.qweight())
+
+
+def rope_tables(seq_len: int, rope_dims: int, base: float, train_len: int, device) -> tuple[Tensor, Tensor]:
+    """cos/sin for the rotated dims; beyond the training length the base is NTK-scaled to keep them in range."""
+    if seq_len > train_len and rope_dims > 2:
+        base = base * (seq_len / train_len) ** (rope_dims / (rope_dims - 2))
+    inv = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
+    f = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv)
+    return f.cos()[None, :, None, :], f.sin()[None, :, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    r = cos.size(-1)
+    x1, x2, rest = x[..., :r], x[..., r:2 * r], x[..., 2 * r:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1).type_as(x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention on (B, T, H, D) tensors with grouped KV heads."""
+    if _fa3 is not None and q.is_cuda:
+        out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, kv_heads, qk_gain, xsa: bool, has_ve: bool):
+        super().__init__()
+        self.h, self.kvh, self.d = heads, kv_heads, dim // heads
+        self.q, self.k, self.v = QLinear(dim, dim), QLinear(dim, kv_heads * self.d), QLinear(dim, kv_heads * self.d)
+        self.o = QLinear(dim, dim, out_proj=True)
+        self.q_gain = nn.Parameter(torch.full((heads,), qk_gain))
+        self.ve_scale = nn.Parameter(torch.ones(1)) if has_ve else None
+        self.xsa = xsa
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.d)
+        k = self.k(x).view(B, T, self.kvh, self.d)
+        v = self.v(x).view(B, T, self.kvh, self.d)
+        if ve is not None:
+            v = v + self.ve_scale.to(v.dtype) * ve.view(B, T, self.kvh, self.d)
+        q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None]
+        k = rms_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q, k, v)
+        if self.xsa:  # drop each head's component along its own token's (normalized) value vector
+            vn = F.normalize(v.float(), dim=-1)[:, :, :, None].type_as(y)
+            y = y.view(B, T, self.kvh, self.h // self.kvh, self.d)
+            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.h, self.d)
+        return self.o(y.reshape(B, T, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, mult):
+        super().__init__()
+        self.fc, self.proj = QLinear(dim, mult * dim), QLinear(mult * dim, dim, out_proj=True)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp, i: int, has_ve: bool):
+        super().__init__()
+        dim = hp["MODEL_DIM"]
+        self.attn = Attention(dim, hp["NUM_HEADS"], hp["NUM_KV_HEADS"], hp["QK_GAIN_INIT"],
+                              i >= hp["NUM_LAYERS"] - hp["XSA_LAST_N"], has_ve)
+        self.mlp = MLP(dim, hp["MLP_MULT"])
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of x and the embedding x0
+        self.ln = 1.0 / math.sqrt(i + 1) if hp["LN_SCALE"] else 1.0
+
+    def forward(self, x, x0, cos, sin, ve):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
+
+
+def bigram_buckets(ids: Tensor, buckets: int) -> Tensor:
+    """Hash of (previous, current) token into buckets-1 bins; position 0 gets the reserved last bucket."""
+    prev = F.pad(ids[:, :-1], (1, 0))
+    h = (prev * 1000003) ^ (ids * 8191)
+    h = torch.remainder(h, buckets - 1)
+    h[:, 0] = buckets - 1
+    return h
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: dict):
+        super().__init__()
+        self.hp = {k: hp[k] for k in ARCH_KEYS}
+        V, dim, L = hp["VOCAB_SIZE"], hp["MODEL_DIM"], hp["NUM_LAYERS"]
+        kv_dim = hp["NUM_KV_HEADS"] * (dim // hp["NUM_HEADS"])
+        self.tok_emb = QEmbedding(V, dim, std=0.005)
+        self.bigram = self.bigram_proj = self.bigram_scale = None
+        if hp["BIGRAM_VOCAB_SIZE"]:
+            self.bigram = QEmbedding(hp["BIGRAM_VOCAB_SIZE"], hp["BIGRAM_DIM"], std=0.0)
+            self.bigram_proj = QLinear(hp["BIGRAM_DIM"], dim)
+            self.bigram_scale = nn.Parameter(torch.tensor(0.05))
+        self.smear = nn.Parameter(torch.zeros(dim)) if hp["SMEAR_GATE"] else None
+        self.ve_layers = ve_layers(hp)
+        self.ve = self.ve_proj = None
+        if self.ve_layers:
+            self.ve = QEmbedding(V, hp["VE_DIM"], std=0.005)
+            self.ve_proj = QLinear(hp["VE_DIM"], kv_dim, zero_init=True)
+        self.blocks = nn.ModuleList(Block(hp, i, i in self.ve_layers) for i in range(L))
+        self.n_enc = L // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), dim))
+        self._init(L)
+
+    @torch.no_grad()
+    def _init(self, L):
+        for m in self.modules():
+            if isinstance(m, QEmbedding):
+                nn.init.normal_(m.weight, std=m.std) if m.std else nn.init.zeros_(m.weight)
+            elif isinstance(m, QLinear):
+                if m.zero_init:
+                    nn.init.zeros_(m.weight)
+                elif min(m.weight.shape) >= 64:
+                    nn.init.orthogonal_(m.weight)
+                else:
+                    nn.init.normal_(m.weight, std=m.weight.size(1) ** -0.5)
+                if m.out_proj:
+                    m.weight.mul_(1.0 / math.sqrt(2 * L))
+
+    def set_qat(self, clips: list[float] | None, min_numel: int) -> None:
+        """Put the exporter's quantizer (these clips) into the forward pass of every matrix that ships quantized,
+        gated by each module's `qat` buffer (off until qat_switch). clips=None removes it from the graph."""
+        for m in self.modules():
+            if isinstance(m, QLinear):
+                m.clips = clips if m.weight.numel() > min_numel else None
+
+    def qat_switch(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, QLinear):
+                m.qat.fill_(on)
+
+    def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False) -> Tensor:
+        B, T = ids.shape
+        w_emb = self.tok_emb.qweight()
+        x = F.embedding(ids, w_emb)
+        if self.bigram is not None:
+            x = x + self.bigram_scale.to(x.dtype) * self.bigram_proj(self.bigram(bigram_buckets(ids, self.bigram.weight.size(0))))
+        x = rms_norm(x)
+        if self.smear is not None:  # x_t <- (1 - g) x_t + g x_{t-1}
+            g = torch.sigmoid(self.smear.to(x.dtype))
+            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        x0 = x
+        ve = self.ve_proj(self.ve(ids)) if self.ve is not None else None
+        hd = self.hp["MODEL_DIM"] // self.hp["NUM_HEADS"]
+        cos, sin = rope_tables(T, self.hp["ROPE_DIMS"] or hd, self.hp["ROPE_BASE"], self.hp["TRAIN_SEQ_LEN"], ids.device)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            j = i - self.n_enc
+            if 0 <= j < self.skip_weights.size(0):
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = block(x, x0, cos, sin, ve if i in self.ve_layers else None)
+            if i < self.n_enc:
+                skips.append(x)
+        logits = F.linear(rms_norm(x), w_emb.to(x.dtype)).float()
+        cap = self.hp["LOGIT_SOFTCAP"]
+        logits = cap * torch.tanh(logits / cap)
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), reduction="none" if per_token else "mean")
+        return loss.view(B, T) if per_token else loss
+
+
+# ----------------------------------------------------------------------------- optimizer
+def newton_schulz(g: Tensor, steps: int) -> Tensor:
+    """Approximate orthogonalization (U V^T of g's SVD) with a quintic Newton-Schulz iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = x / (x.norm() + 1e-7)
+    wide = x.size(0) > x.size(1)
+    if wide:
+        x = x.T
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return x.T if wide else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalized by Newton-Schulz, scaled by sqrt(max(1, rows/cols)), decoupled weight decay.
+    Rank r orthogonalizes matrices r, r+W, ...; the updates meet in one all-reduce of a flat buffer in which every
+    slot is written by exactly one rank (x + 0 + ... = x), so every rank applies bit-identical updates."""
+
+    def __init__(self, params, lr, momentum, steps, wd, rank=0, world=1):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd))
+        self.rank, self.world = rank, world
+
+    def _flat(self, group):
+        """One update buffer per group (NS dtype, all-reduced) and its fp32 views per parameter, built once."""
+        if "flat" not in group:
+            ps = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in ps), dtype=torch.bfloat16 if ps[0].is_cuda else torch.float32,
+                               device=ps[0].device)
+            full = flat if flat.dtype == ps[0].dtype else torch.zeros_like(flat, dtype=ps[0].dtype)
+            offs = np.cumsum([0] + [p.numel() for p in ps]).tolist()
+            group["flat"], group["full"] = flat, full
+            group["views"] = [flat[o:o + p.numel()].view_as(p) for o, p in zip(offs, ps)]
+            group["full_views"] = [full[o:o + p.numel()].view_as(p) for o, p in zip(offs, ps)]
+        return group["flat"], group["full"], group["views"], group["full_views"]
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            ps = group["params"]
+            flat, full, views, full_views = self._flat(group)
+            mine = ps[self.rank::self.world]
+            bufs = [self.state[p].setdefault("m", torch.zeros_like(p)) for p in mine]
+            grads = [p.grad for p in mine]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
+            flat.zero_()
+            for i, g in zip(range(self.rank, len(ps), self.world), nesterov):
+                views[i].copy_(newton_schulz(g, group["steps"]) * max(1.0, g.size(0) / g.size(1)) ** 0.5)
+            if self.world > 1:
+                dist.all_reduce(flat)
+            if full is not flat:
+                full.copy_(flat)
+            if group["wd"]:
+                torch._foreach_mul_(ps, 1.0 - group["lr"] * group["wd"])
+            torch._foreach_add_(ps, full_views, alpha=-group["lr"])
+
+
+def build_optimizers(model: GPT, hp, rank, world):
+    matrices = [m.weight for m in model.modules() if type(m) is QLinear]
+    tables = [m.weight for m in model.modules() if type(m) is QEmbedding]
+    seen = {id(p) for p in matrices + tables}
+    scalars = [p for p in model.parameters() if id(p) not in seen]
+    muon = Muon(matrices, hp["MATRIX_LR"], hp["MUON_MOMENTUM"], hp["MUON_BACKEND_STEPS"], hp["MUON_WD"], rank, world)
+    adam = torch.optim.AdamW([dict(params=tables, lr=hp["EMBED_LR"]), dict(params=scalars, lr=hp["SCALAR_LR"])],
+                             betas=(hp["BETA1"], hp["BETA2"]), eps=hp["ADAM_EPS"], weight_decay=hp["ADAM_WD"],
+                             foreach=True)
+    for opt in (muon, adam):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return [muon, adam]
+
+
+# ----------------------------------------------------------------------------- quantization and artifact
+SCALE_FLOOR = 2.0 ** -14  # smallest normal fp16: keeps all-zero rows finite (an underflowing floor gives NaN)
+
+
+def fp16_round(x: Tensor) -> Tensor:
+    """Round positive fp32 values in fp16's normal range to fp16 precision (nearest, ties to even) with integer ops:
+    torch.compile elides x.half().float() (inductor does not emulate precision casts by default), which would make
+    the training-time quantizer differ from the exporter's."""
+    i = x.view(torch.int32)
+    return ((i + 0xFFF + ((i >> 13) & 1)) & -0x2000).view(torch.float32)
+
+
+def quantize_rows(w: Tensor, bits: int, clips: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric per-row quantization to +-(2^(bits-1)-1) levels with an fp16 scale per row. For each row the clip
+    (fraction of the row's max |w|) with the least squared reconstruction error wins; ties go to the first candidate.
+    Returns (q int8, scale fp16, index of the chosen clip). This one function is both the exporter and, inside
+    fake_quant, the training-time quantizer."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1, keepdim=True)
+    c = torch.tensor(clips, dtype=torch.float32, device=w.device).view(-1, 1, 1)
+    scale = fp16_round((amax * c / qmax).clamp_min(SCALE_FLOOR))  # (C, rows, 1), exactly the fp16 that ships
+    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+    if len(clips) == 1:
+        return q[0].to(torch.int8), scale[0, :, 0].half(), torch.zeros(w.size(0), dtype=torch.long, device=w.device)
+    err = (q * scale - w).square().sum(dim=2)  # (C, rows)
+    best = err.argmin(dim=0)
+    pick = best.view(1, -1, 1)
+    q = q.gather(0, pick.expand(1, *w.shape))[0]
+    return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
+
+
+def fake_quant(w: Tensor, bits: int, clips: list[float], on: Tensor) -> Tensor:
+    """w + stopgrad(Q(w) - w) when `on`, else w. `on` is a tensor, so torch.compile keeps both branches in one graph
+    (no recompile when it flips, nothing folded at trace time); Q is finite everywhere, so the unused branch cannot
+    leak a NaN."""
+    q, s, _ = quantize_rows(w, bits, clips)
+    dq = q.float() * s.float()[:, None]
+    return torch.where(on, w + (dq - w).detach(), w)
+
+
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 1  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
+
+
+def quant_bits(model: GPT) -> dict[str, int]:
+    return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp) -> tuple[list[dict], dict[str, Tensor]]:
+    """Per tensor: int6/int8 rows for matrices/tables over QUANT_MIN_NUMEL values (scheme from the module), fp16 for
+    smaller matrices, fp32 for vectors and controls. Returns entries (meta + arrays) and the float originals of the
+    quantized tensors (for the budget fit)."""
+    cl, entries, originals = clips(hp), [], {}
+    for name, t in state.items():
+        t = t.detach()
+        e = dict(name=name, shape=list(t.shape))
+        if name in bits and t.numel() > hp["QUANT_MIN_NUMEL"]:
+            q, s, best = quantize_rows(t, bits[name], cl)
+            dq = q.float() * s.float()[:, None]
+            e.update(scheme=f"int{bits[name]}", q=q, scale=s, clip=float(torch.tensor(cl)[best.cpu()].mean()),
+                     mse=float((dq - t.float()).square().mean()))
+            originals[name] = t.float()
+        else:
+            e.update(scheme="fp16" if t.ndim == 2 else "fp32", data=t.to(torch.float16 if t.ndim == 2 else torch.float32))
+        entries.append(e)
+    return entries, originals
+
+
+def _arrays(e):
+    return [e["q"], e["scale"]] if "q" in e else [e["data"]]
+
+
+def pack_artifact(entries: list[dict], config: dict) -> bytes:
+    import zstandard
+    metas, chunks, off = [], [], 0
+    for e in entries:
+        m = {k: v for k, v in e.items() if k not in ("q", "scale", "data")}
+        m["offsets"] = []
+        for a in _arrays(e):
+            b = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            m["offsets"].append([off, len(b)])
+            chunks.append(b)
+            off += len(b)
+        metas.append(m)
+    data = b"".join(chunks)
+    meta = json.dumps(dict(format=ARTIFACT_VERSION, config=config, tensors=metas, sha256=hashlib.sha256(data).hexdigest()),
+                      separators=(",", ":")).encode()
+    payload = struct.pack("<I", len(meta)) + meta + data
+    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=22, write_checksum=True).compress(payload)
+
+
+def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, list[dict]]:
+    """Parse and verify an artifact; anything truncated, altered or foreign is refused with one line."""
+    import zstandard
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise UserError(f"{path} is not an artifact written by train_gpt.py (bad magic)")
+    try:
+        payload = zstandard.ZstdDecompressor().decompress(blob[len(ARTIFACT_MAGIC):], max_output_size=1 << 31)
+        (n,) = struct.unpack_from("<I", payload)
+        meta = json.loads(payload[4:4 + n])
+        data = payload[4 + n:]
+    except (zstandard.ZstdError, struct.error, ValueError):
+        raise UserError(f"{path} is corrupted or truncated (decompression failed); re-export or re-download it") from None
+    if meta.get("format") != ARTIFACT_VERSION:
+        raise UserError(f"{path} has artifact format {meta.get('format')}, this script reads {ARTIFACT_VERSION}")
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise UserError(f"{path} is corrupted (checksum mismatch)")
+    entries = []
+    try:
+        for m in meta["tensors"]:
+            e = dict(m)
+            quant = m["scheme"].startswith("int")
+            dtypes = [torch.int8, torch.float16] if quant else [torch.float16 if m["scheme"] == "fp16" else torch.float32]
+            arrays = [torch.frombuffer(bytearray(data[o:o + nb]), dtype=torch.uint8).view(dt)
+                      for (o, nb), dt in zip(m["offsets"], dtypes)]
+            if quant:
+                e["q"], e["scale"] = arrays[0].view(m["shape"]), arrays[1]
+            else:
+                e["data"] = arrays[0].view(m["shape"])
+            entries.append(e)
+    except (KeyError, ValueError, RuntimeError, TypeError):
+        raise UserError(f"{path} has malformed metadata; it was not written by this version of train_gpt.py") from None
+    return meta, entries
+
+
+def dequantize(entries: list[dict]) -> dict[str, Tensor]:
+    return {e["name"]: e["q"].float() * e["scale"].float()[:, None] if "q" in e else e["data"].float() for e in entries}
+
+
+def entropy_bytes(entries: list[dict]) -> int:
+    """Order-0 entropy bound of the quantized symbols plus raw bytes of everything else: a cheap size forecast
+    (zstd-22 lands within about 1% of it on int6 rows)."""
+    total = 0.0
+    for e in entries:
+        if "q" in e:
+            p = torch.bincount(e["q"].flatten().long() + 128, minlength=256).double()
+            p = p[p > 0] / p.sum()
+            total += float(-(p * p.log2()).sum()) * e["q"].numel() / 8 + 2 * e["scale"].numel()
+        else:
+            total += e["data"].numel() * e["data"].element_size()
+    return int(total)
+
+
+def fit_budget(entries, originals, config, code_bytes: int, limit: int, log) -> bytes:
+    """Compress; if code + artifact exceeds the limit, zero the int6 values of magnitude 1 whose removal adds the
+    least squared error, in that order, choosing the count by a few secant steps on the real compressed size.
+    Deterministic. Raises UserError if even zeroing all of them does not fit."""
+    blob = pack_artifact(entries, config)
+    before = len(blob)
+    if before + code_bytes <= limit:
+        return blob
+    entries = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in e.items()} for e in entries]
+    ids, flat_idx, cost = [], [], []
+    for i, e in enumerate(entries):
+        if e.get("scheme") == "int6":
+            q = e["q"].flatten()
+            idx = (q.abs() == 1).nonzero().flatten()
+            w = originals[e["name"]].cpu().flatten()[idx]
+            s = e["scale"].float().repeat_interleave(e["q"].size(1))[idx]
+            cost.append(w.square() - (w - q[idx].float() * s).square())
+            ids.append(torch.full_like(idx, i))
+            flat_idx.append(idx)
+    if not cost:
+        raise UserError(f"artifact {before} + code {code_bytes} bytes exceeds SIZE_LIMIT_BYTES={limit} and has no int6 values to drop")
+    cost, ids, flat_idx = torch.cat(cost), torch.cat(ids), torch.cat(flat_idx)
+    order = torch.sort(cost, stable=True).indices
+    ids, flat_idx, n = ids[order], flat_idx[order], len(order)
+
+    def build(k):
+        out = [dict(e) for e in entries]
+        for i in ids[:k].unique().tolist():
+            q = out[i]["q"].clone().flatten()
+            q[flat_idx[:k][ids[:k] == i]] = 0
+            out[i]["q"] = q.view(entries[i]["q"].shape)
+        return pack_artifact(out, config)
+
+    target = limit - code_bytes
+    best = build(n)
+    if len(best) > target:
+        raise UserError(f"artifact cannot fit: {before} + {code_bytes} code bytes > SIZE_LIMIT_BYTES={limit} even after "
+                        f"dropping all {n} int6 values of magnitude 1 ({len(best)} bytes); use a smaller model")
+    lo, lo_size, hi, hi_size = 0, before, n, len(best)  # lo does not fit, hi fits
+    for _ in range(6):
+        k = lo + int((hi - lo) * (lo_size - target) / max(1, lo_size - hi_size) * 1.02) + 1
+        k = min(max(k, lo + 1), hi - 1)
+        if k <= lo or k >= hi:
+            break
+        blob_k = build(k)
+        if len(blob_k) <= target:
+            hi, hi_size, best = k, len(blob_k), blob_k
+        else:
+            lo, lo_size = k, len(blob_k)
+        if hi - lo <= max(1, n // 1000):
+            break
+    log(f"budget_fit: zeroed {hi} of {n} int6 values of magnitude 1 (least squared error first) "
+        f"bytes_before:{before + code_bytes} bytes_after:{len(best) + code_bytes}")
+    return best
+
+
+# ----------------------------------------------------------------------------- evaluation
+def window_plan(n_tokens: int, L: int, stride: int) -> tuple[Tensor, Tensor]:
+    """Windows over a stream of n tokens whose targets are positions 1..n-1. Window k starts at k*stride and
+    predicts targets start+1..start+L; the first scores all L, each later one only its last `stride`. If the last
+    full window ends before the stream, one more window aligned to the end scores the remaining targets. So every
+    target is scored exactly once, and stride == L is the standard non-overlapping evaluation (tail included).
+    Returns (starts, number of scored targets per window)."""
+    last = n_tokens - 1
+    if not 0 < stride <= L <= last:
+        raise UserError(f"cannot evaluate {n_tokens} tokens with window {L} and stride {stride}: need 0 < stride <= length < tokens")
+    n_full = (last - L) // stride + 1
+    starts = torch.arange(n_full, dtype=torch.long) * stride
+    score = torch.full((n_full,), stride, dtype=torch.long)
+    score[0] = L
+    end = (n_full - 1) * stride + L
+    if end < last:
+        starts, score = torch.cat((starts, torch.tensor([last - L]))), torch.cat((score, torch.tensor([last - end])))
+    return starts, score
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def progress(total, desc, rank):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, disable=rank != 0 or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval") -> Tensor:
+    """This rank's float64 sums (nll, bytes, tokens) over its contiguous share of the windows, `batch` windows per
+    forward pass; the last batch is padded with fully masked windows, so shapes never change."""
+    device = val.device
+    starts, score = (t.to(device) for t in window_plan(len(val), L, stride))
+    per = -(-len(starts) // world)
+    lo, hi = min(rank * per, len(starts)), min((rank + 1) * per, len(starts))
+    offs, pos = torch.arange(L + 1, device=device), torch.arange(L, device=device)
+    base, lead, bound = luts
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    bar = progress(hi - lo, desc, rank)
+    for b in range(lo, hi, batch):
+        s, k = starts[b:min(b + batch, hi)], score[b:min(b + batch, hi)]
+        n = len(s)
+        if n < batch:
+            s, k = F.pad(s, (0, batch - n)), F.pad(k, (0, batch - n))
+        tok = val[s[:, None] + offs].long()
+        x, y = tok[:, :-1], tok[:, 1:]
+        with autocast(device):
+            nll = forward(x, y)
+        mask = pos[None, :] >= (L - k)[:, None]
+        nbytes = base[y] + (lead[y] & ~bound[x])  # x holds each target's previous token
+        sums += torch.stack((torch.where(mask, nll.double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
+        bar.update(n)
+    bar.close()
+    return sums
+
+
+def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval") -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together."""
+    sums = eval_sums(forward, val, luts, L, stride, batch, rank, world, desc)
+    if world > 1:
+        dist.all_reduce(sums)
+    loss_sum, byte_sum, count = sums.tolist()
+    return loss_sum / count, loss_sum / math.log(2) / byte_sum, int(count)
+
+
+# ----------------------------------------------------------------------------- training loop
+class Logger:
+    """Rank 0 writes every line to stdout and to the run's log file; other ranks stay silent."""
+
+    def __init__(self, rank):
+        self.rank, self.file = rank, None
+
+    def open(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8", newline="")
+
+    def __call__(self, msg: str, console: bool = True):
+        if self.rank != 0:
+            return
+        if console:
+            from tqdm import tqdm
+            tqdm.write(msg)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+def on_rank0(fn, rank, world):
+    """Run fn on rank 0 only; if it fails, every rank raises, so no rank waits forever at the next collective."""
+    err, out = None, None
+    if rank == 0:
+        try:
+            out = fn()
+        except (UserError, OSError) as e:
+            err = e if isinstance(e, UserError) else UserError(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}")
+    if world > 1:
+        flag = torch.tensor([float(err is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag)
+        if flag.item() and err is None:
+            err = UserError("rank 0 failed (see its message)")
+    if err is not None:
+        raise err
+    return out
+
+
+def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
+    """1, then a linear warmdown to 0 over the last WARMDOWN_ITERS steps; with a wall-clock cap the warmdown is
+    measured in time: remaining / (WARMDOWN_ITERS * mean step time)."""
+    wd = hp["WARMDOWN_ITERS"]
+    if wd <= 0:
+        return 1.0
+    mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
+    cap_ms = 1000 * hp["MAX_WALLCLOCK_SECONDS"]
+    if cap_ms > 0 and step > 0:
+        mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
+    return mult
+
+
+def load_artifact_model(path: str, device) -> tuple[GPT, dict, int]:
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read artifact {path}: {e.strerror}") from None
+    meta, entries = unpack_artifact(blob, path)
+    model = GPT(meta["config"]).to(device)
+    try:
+        model.load_state_dict(dequantize(entries))
+    except RuntimeError:
+        raise UserError(f"{path} does not match the architecture in its own metadata") from None
+    return model, meta, len(blob)
+
+
+def main(env=None) -> dict:
+    hp = parse_hparams(env)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    check_hparams(hp, world)
+    use_compile = hp["COMPILE"] == 1 or (hp["COMPILE"] == -1 and device.type == "cuda")
+    run_id = hp["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
+    if world > 1:
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)
+        run_id = box[0]
+    artifact_path = hp["ARTIFACT"] or os.path.join(hp["LOG_DIR"], f"{run_id}.ptz")
+    log = Logger(rank)
+    on_rank0(lambda: log.open(os.path.join(hp["LOG_DIR"], f"{run_id}.txt")), rank, world)
+    try:
+        return run(hp, log, rank, world, device, use_compile, run_id, artifact_path)
+    except UserError as e:
+        log(f"error: {e}", console=False)
+        raise
+
+
+def run(hp, log, rank, world, device, use_compile, run_id, artifact_path) -> dict:
+    script = os.path.abspath(__file__)
+    with open(script, "rb") as f:
+        code = f.read()
+    log(f"==== code: {os.path.basename(script)} code_bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()} ====", console=False)
+    log(code.decode("utf-8"), console=False)
+    log("==== end of code ====", console=False)
+    log(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+        f"device:{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
+        f"world_size:{world} cuda:{torch.version.cuda}")
+    log(f"run_id:{run_id}")
+    for k, v in hp.items():
+        log(f"{k.lower()}:{v}", console=False)
+    torch.manual_seed(hp["SEED"])
+    np.random.seed(hp["SEED"])
+    if hp["EVAL_ONLY"]:
+        model, meta, _ = load_artifact_model(artifact_path, device)
+        hp.update(meta["config"])
+        log(f"eval_only artifact:{artifact_path} config:{json.dumps(meta['config'], separators=(',', ':'))}")
+    val, full_val = load_validation(hp)
+    val = val.to(device)
+    luts = byte_luts(hp, device)
+    L_eval = eval_len(hp)
+    result = dict(run_id=run_id, artifact=artifact_path)
+    attn_backend = "fa3" if _fa3 is not None and device.type == "cuda" else "sdpa"
+    if not hp["EVAL_ONLY"]:
+        model = train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, result)
+        export(hp, log, rank, world, model, len(code), artifact_path, result)
+    # round trip: every rank rebuilds the model from the file on disk
+    rt, meta, size = load_artifact_model(artifact_path, device)
+    fwd = eval_forward(rt, use_compile)
+    t0 = time.perf_counter()
+    loss, bpb, n = evaluate(fwd, val, luts, L_eval, L_eval, hp["EVAL_BATCH_SEQS"], rank, world, "roundtrip eval")
+    log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{n} eval_seconds:{time.perf_counter() - t0:.2f}")
+    result.update(roundtrip_loss=loss, roundtrip_bpb=bpb, roundtrip_model=rt)
+    if 0 < hp["EVAL_STRIDE"] < L_eval:
+        t0 = time.perf_counter()
+        loss, bpb, n = evaluate(fwd, val, luts, L_eval, hp["EVAL_STRIDE"], hp["EVAL_BATCH_SEQS"], rank, world, "sliding eval")
+        dt = time.perf_counter() - t0
+        log(f"final_sliding_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp['EVAL_STRIDE']} seq_len:{L_eval} eval_seconds:{dt:.2f}")
+        log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full_val} "
+            f"full_split_estimate_s:{dt * (full_val - 1) / n:.1f}")
+        result.update(sliding_loss=loss, sliding_bpb=bpb)
+    return result
+
+
+def eval_forward(model: GPT, use_compile: bool):
+    model.eval()
+    fwd = lambda x, y: model(x, y, per_token=True)
+    return torch.compile(fwd, dynamic=False) if use_compile else fwd
+
+
+def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, result) -> GPT:
+    model = GPT(hp).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{n_params}")
+    result["model_params"] = n_params
+    qat = hp["QAT_THRESHOLD"] > 0
+    model.set_qat(clips(hp) if qat else None, hp["QUANT_MIN_NUMEL"])
+    xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
+    log(f"features: attention:{attn_backend} compile:{'on' if use_compile else 'off'} xsa_layers:{xsa} "
+        f"ve_layers:{model.ve_layers} rope_dims:{hp['ROPE_DIMS'] or 'all'} ln_scale:{hp['LN_SCALE']} smear_gate:{hp['SMEAR_GATE']} "
+        f"bigram:{hp['BIGRAM_VOCAB_SIZE']}x{hp['BIGRAM_DIM'] if hp['BIGRAM_VOCAB_SIZE'] else 0} ema:{hp['EMA_DECAY']} "
+        f"qat_threshold:{hp['QAT_THRESHOLD']} clips:{hp['QUANT_CLIPS']}")
+    fwd = torch.compile(model, dynamic=False) if use_compile else model
+    ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False) if world > 1 else fwd
+    opts = build_optimizers(model, hp, rank, world)
+    params = list(model.parameters())
+    accum, L, B = hp["MICRO_BATCHES"] // world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"]
+    files = shard_files(hp, "train")
+    log(f"train_shards:{len(files)} val_tokens:{len(val)} world_size:{world} grad_accum_steps:{accum} "
+        f"micro_batch_seqs:{B // L // world // accum}")
+
+    def step_fn(loader, step, elapsed_ms):
+        mult = lr_multiplier(hp, step, elapsed_ms)
+        frac = min(step / hp["MUON_MOMENTUM_WARMUP_STEPS"], 1.0) if hp["MUON_MOMENTUM_WARMUP_STEPS"] else 1.0
+        opts[0].param_groups[0]["momentum"] = (1 - frac) * hp["MUON_MOMENTUM_WARMUP_START"] + frac * hp["MUON_MOMENTUM"]
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * mult
+        x, y = loader.next_batch(B, L)
+        total = torch.zeros((), device=device)
+        for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+            sync = ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext()
+            with sync, autocast(device):
+                loss = ddp(xm, ym)
+            (loss / accum).backward()
+            total += loss.detach()
+        if hp["GRAD_CLIP_NORM"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, hp["GRAD_CLIP_NORM"], foreach=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total / accum, mult
+
+    # warm-up steps compile and warm every kernel (QAT branch included), then everything is reset
+    if hp["WARMUP_STEPS"]:
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        loader = DistributedTokenLoader(files, rank, world, device)
+        for s in range(hp["WARMUP_STEPS"]):
+            model.qat_switch(qat and s >= hp["WARMUP_STEPS"] // 2)
+            step_fn(loader, 0, 0.0)
+        model.load_state_dict(initial)
+        for opt in opts:
+            opt.state.clear()
+        log(f"warmup_steps:{hp['WARMUP_STEPS']} done (weights and optimizer state restored)")
+    qat_on = qat and hp["QAT_THRESHOLD"] >= 1.0
+    model.qat_switch(qat_on)
+    if qat_on:
+        log(f"late_qat:enabled step:0 lr_mult:1.000")
+    ema = [p.detach().clone() for p in params] if hp["EMA_DECAY"] > 0 else None
+    loader = DistributedTokenLoader(files, rank, world, device)
+    step, train_ms, forecast_done = 0, 0.0, False
+    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    bar = progress(hp["ITERATIONS"], "train", rank)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        loss, mult = step_fn(loader, step, train_ms)
+        if ema is not None:
+            ema_update(ema, params, hp["EMA_DECAY"])
+        step += 1
+        stats[0], stats[1], stats[2] = train_ms + 1000 * (time.perf_counter() - t0), loss, float(not torch.isfinite(loss))
+        if world > 1:
+            dist.all_reduce(stats)
+        elapsed, mean_loss, bad = (stats / world).tolist() if world > 1 else stats.tolist()
+        if bad:
+            raise UserError(f"non-finite training loss at step {step}; lower the learning rates or check the data")
+        if qat and not qat_on and mult < hp["QAT_THRESHOLD"]:
+            qat_on = True
+            model.qat_switch(True)
+            log(f"late_qat:enabled step:{step} lr_mult:{mult:.3f}")
+        if not forecast_done and mult < 1.0:
+            forecast_done = True
+            forecast(hp, log, rank, world, model, ema, step)
+        done = step >= hp["ITERATIONS"] or (hp["MAX_WALLCLOCK_SECONDS"] > 0 and elapsed >= 1000 * hp["MAX_WALLCLOCK_SECONDS"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+        if step % hp["TRAIN_LOG_EVERY"] == 0 or step == 1 or done:
+            log(f"step:{step}/{hp['ITERATIONS']} train_loss:{mean_loss:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms lr_mult:{mult:.4f}")
+        if hp["VAL_LOSS_EVERY"] and (step % hp["VAL_LOSS_EVERY"] == 0 or done):
+            sync()
+            train_ms, t_val = elapsed, time.perf_counter()
+            vl, vb, _ = evaluate(eval_forward(model, use_compile), val, luts, eval_len(hp), eval_len(hp),
+                                 hp["EVAL_BATCH_SEQS"], rank, world, "val")
+            model.train()
+            log(f"step:{step}/{hp['ITERATIONS']} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{elapsed:.0f}ms "
+                f"eval_time:{1000 * (time.perf_counter() - t_val):.0f}ms")
+            t0 = time.perf_counter()
+        if done:
+            break
+    bar.close()
+    log(f"train_done steps:{step} train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms"
+        + (f" peak_mem_gib:{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else ""))
+    result.update(steps=step, train_ms=elapsed, qat_enabled=qat_on)
+    model.qat_switch(False)
+    if ema is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, ema)
+    loss, bpb, _ = evaluate(eval_forward(model, use_compile), val, luts, eval_len(hp), eval_len(hp),
+                            hp["EVAL_BATCH_SEQS"], rank, world, "pre-quant eval")
+    log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    result.update(pre_quant_loss=loss, pre_quant_bpb=bpb, model=model)
+    return model
+
+
+@torch.no_grad()
+def ema_update(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * w, one fused foreach op over all tensors."""
+    torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+
+def forecast(hp, log, rank, world, model, ema, step):
+    """At the start of warmdown, forecast the artifact size from the current (EMA) weights."""
+    def go():
+        names = [n for n, _ in model.named_parameters()]
+        state = dict(zip(names, ema)) if ema is not None else model.state_dict()
+        entries, _ = quantize_state(state, quant_bits(model), hp)
+        with open(os.path.abspath(__file__), "rb") as f:
+            code = len(f.read())
+        log(f"size_forecast:{entropy_bytes(entries) + code} limit:{hp['SIZE_LIMIT_BYTES']} step:{step} "
+            "(order-0 entropy of the quantized weights + code bytes)")
+    on_rank0(go, rank, world)
+
+
+def export(hp, log, rank, world, model: GPT, code_bytes: int, path: str, result: dict):
+    def go():
+        t0 = time.perf_counter()
+        entries, originals = quantize_state(model.state_dict(), quant_bits(model), hp)
+        blob = fit_budget(entries, originals, model.hp, code_bytes, hp["SIZE_LIMIT_BYTES"], log)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise UserError(f"cannot write artifact {path}: {e.strerror}") from None
+        total = len(blob) + code_bytes
+        log(f"artifact: path={path} bytes={len(blob)} export_seconds:{time.perf_counter() - t0:.1f}")
+        log(f"code_bytes:{code_bytes}")
+        log(f"total_submission_bytes:{total} limit:{hp['SIZE_LIMIT_BYTES']} {'ok' if total <= hp['SIZE_LIMIT_BYTES'] else 'OVER'}")
+        result.update(artifact_bytes=len(blob), code_bytes=code_bytes, total_bytes=total)
+    on_rank0(go, rank, world)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
