@@ -166,6 +166,7 @@ def check_hparams(hp: dict, world: int) -> None:
     need(0 <= hp["QAT_THRESHOLD"] <= 1, f"QAT_THRESHOLD={hp['QAT_THRESHOLD']} must be in [0, 1]")
     clips(hp)
     if hp["EVAL_ONLY"]:
+        need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         return
     L = hp["TRAIN_SEQ_LEN"]
     mb = hp["MICRO_BATCHES"]
@@ -904,7 +905,7 @@ def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
         return 1.0
     mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
     cap_ms = 1000 * hp["MAX_WALLCLOCK_SECONDS"]
-    if cap_ms > 0 and step > 0:
+    if cap_ms > 0 and step > 0 and elapsed_ms > 0:
         mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
     return mult
 
@@ -1065,18 +1066,18 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
         log(f"late_qat:enabled step:0 lr_mult:1.000")
     ema = [p.detach().clone() for p in params] if hp["EMA_DECAY"] > 0 else None
     loader = DistributedTokenLoader(files, rank, world, device)
-    step, train_ms, forecast_done = 0, 0.0, False
+    step, train_ms, elapsed, forecast_done = 0, 0.0, 0.0, False
     stats = torch.zeros(3, dtype=torch.float64, device=device)
     bar = progress(hp["ITERATIONS"], "train", rank)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     while True:
-        loss, mult = step_fn(loader, step, train_ms)
+        loss, mult = step_fn(loader, step, elapsed)  # training time so far, identical on every rank
         if ema is not None:
             ema_update(ema, params, hp["EMA_DECAY"])
         step += 1
-        stats[0], stats[1], stats[2] = train_ms + 1000 * (time.perf_counter() - t0), loss, float(not torch.isfinite(loss))
+        stats[0], stats[1], stats[2] = train_ms + 1000 * (time.perf_counter() - t0), loss, (~torch.isfinite(loss)).double()
         if world > 1:
             dist.all_reduce(stats)
         elapsed, mean_loss, bad = (stats / world).tolist() if world > 1 else stats.tolist()
@@ -1110,7 +1111,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     log(f"train_done steps:{step} train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms"
         + (f" peak_mem_gib:{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else ""))
     result.update(steps=step, train_ms=elapsed, qat_enabled=qat_on)
-    model.qat_switch(False)
+    model.set_qat(None, 0)  # pre-quant eval: the float weights, without fake-quant ops in the graph
     if ema is not None:
         with torch.no_grad():
             torch._foreach_copy_(params, ema)

@@ -21,7 +21,8 @@ def sample_data():
 def run_script(env: dict, tmp: Path, nproc: int = 0, script: str = "train_gpt.py", timeout: int = 600):
     """Run the script (under torchrun when nproc) with SMOKE defaults plus `env`; returns (rc, stdout, stderr, log)."""
     full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    full.update({"SMOKE": "1", "LOG_DIR": str(tmp), "RUN_ID": "run", "PYTHONUNBUFFERED": "1"})
+    # one thread per process: on a small shared machine oversubscribed threads slow torch down many times over
+    full.update({"SMOKE": "1", "LOG_DIR": str(tmp), "RUN_ID": "run", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     full.update({k: str(v) for k, v in env.items()})
     if nproc:
         torchrun = str(Path(sys.executable).with_name("torchrun"))

@@ -183,3 +183,21 @@ def test_bad_input_gives_one_line_error(case, sample_data, tmp_path):
     assert not list(tmp_path.glob("**/*.ptz")), "no artifact may be left behind"
     if case == "non-finite loss":
         assert "error: non-finite training loss" in log  # the log is still written
+
+
+def test_wall_clock_cap_stops_training_and_warms_down():
+    hp = T.parse_hparams({"MAX_WALLCLOCK_SECONDS": "10", "WARMDOWN_ITERS": "100", "ITERATIONS": "20000"})
+    assert T.lr_multiplier(hp, 0, 0.0) == 1.0
+    assert T.lr_multiplier(hp, 1, 0.0) == 1.0  # no time measured yet: no division by zero
+    assert abs(T.lr_multiplier(hp, 10, 1000.0) - 0.9) < 1e-9  # 100 ms/step x 100 warmdown steps = 10 s; 9 s left
+    assert abs(T.lr_multiplier(hp, 50, 5000.0) - 0.5) < 1e-9
+    assert T.lr_multiplier(hp, 100, 10000.0) == 0.0
+
+
+def test_capped_run_completes(sample_data, tmp_path):
+    rc, _, err, log = run_script({"MAX_WALLCLOCK_SECONDS": 3, "ITERATIONS": 10000, "WARMDOWN_ITERS": 1000,
+                                  "VAL_MAX_TOKENS": 8192, "EVAL_STRIDE": 0}, tmp_path)
+    assert rc == 0, err[-2000:]
+    done = next(l for l in log.splitlines() if l.startswith("train_done"))
+    steps = int(done.split("steps:")[1].split()[0])
+    assert 0 < steps < 10000 and "late_qat:enabled" in log and "size_forecast:" in log

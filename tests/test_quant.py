@@ -112,6 +112,7 @@ def test_qat_from_start_matches_roundtrip(sample_data, monkeypatch, tmp_path):
     assert r["qat_enabled"]
     hp = T.parse_hparams()
     model = r["model"]
+    model.set_qat(T.clips(hp), hp["QUANT_MIN_NUMEL"])
     model.qat_switch(True)
     val, _ = T.load_validation(hp)
     luts = T.byte_luts(hp, torch.device("cpu"))
