@@ -201,3 +201,11 @@ def test_capped_run_completes(sample_data, tmp_path):
     done = next(l for l in log.splitlines() if l.startswith("train_done"))
     steps = int(done.split("steps:")[1].split()[0])
     assert 0 < steps < 10000 and "late_qat:enabled" in log and "size_forecast:" in log
+
+
+def test_readme_documents_every_hyperparameter_and_ci_runs_its_test_command():
+    readme = (ROOT / "README.md").read_text()
+    for name, _, _ in T.HPARAMS:
+        assert f"`{name}`" in readme, name
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci in readme
