@@ -140,6 +140,37 @@ def test_absurd_size_limit_fails_before_evaluation(sample_data, tmp_path):
     assert not list(tmp_path.glob("*.ptz*")), "nothing may be left under the artifact's name"
 
 
+def budget_case():
+    hp = small_hp()
+    model = randomized(T.GPT(hp))
+    entries, originals = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
+    return hp, model, entries, originals
+
+
+def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
+    hp, model, entries, originals = budget_case()
+    natural = len(T.pack_artifact(entries, model.hp))
+    ones_zeroed = [dict(e, q=torch.where(e["q"].abs() == 1, 0, e["q"])) if e.get("scheme") == "int6" else e for e in entries]
+    floor_ones = len(T.pack_artifact(ones_zeroed, model.hp))
+    all5 = [dict(e, q=T.quantize_rows(originals[e["name"]], 5, T.clips(hp))[0]) if e.get("scheme") == "int6" else e
+            for e in entries]
+    floor5 = len(T.pack_artifact(all5, model.hp))
+    assert floor5 < floor_ones < natural
+    limit = (floor5 + floor_ones) // 2 + 100  # 100 code bytes
+    lines = []
+    blob = T.fit_budget(entries, originals, model.hp, 100, limit, lines.append, T.clips(hp))
+    assert len(blob) + 100 <= limit
+    assert len(lines) == 1 and lines[0].startswith("budget_fit: moved ") and "to int5" in lines[0], lines
+    n5 = int(lines[0].split()[2])
+    _, back = T.unpack_artifact(blob)
+    int5 = [e for e in back if e["scheme"] == "int5"]
+    assert len(int5) == n5 > 0 and all(int(e["q"].abs().max()) <= 15 for e in int5)
+    assert [e["scheme"] for e in back].count("int6") == sum(e.get("scheme") == "int6" for e in entries) - n5
+    assert blob == T.fit_budget(entries, originals, model.hp, 100, limit, lambda m: None, T.clips(hp)), "deterministic"
+    with pytest.raises(T.UserError, match=r"even with all \d+ int6 matrices in int5"):
+        T.fit_budget(entries, originals, model.hp, 100, floor5 - 1000, lambda m: None, T.clips(hp))
+
+
 def test_fp16_round_equals_the_cast_it_replaces():
     x = torch.cat((torch.rand(100000) * 60000, torch.rand(100000) * 1e-3)).clamp_min(T.SCALE_FLOOR)
     x[:4] = torch.tensor([1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, T.SCALE_FLOOR, 65504.0])  # ties round to even
