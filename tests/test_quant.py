@@ -149,26 +149,38 @@ def budget_case():
 
 def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
     hp, model, entries, originals = budget_case()
-    natural = len(T.pack_artifact(entries, model.hp))
+    cl, cfg = T.clips(hp), model.hp
+    natural = len(T.pack_artifact(entries, cfg))
     ones_zeroed = [dict(e, q=torch.where(e["q"].abs() == 1, 0, e["q"])) if e.get("scheme") == "int6" else e for e in entries]
-    floor_ones = len(T.pack_artifact(ones_zeroed, model.hp))
-    all5 = [dict(e, q=T.quantize_rows(originals[e["name"]], 5, T.clips(hp))[0]) if e.get("scheme") == "int6" else e
-            for e in entries]
-    floor5 = len(T.pack_artifact(all5, model.hp))
+    int5 = {e["name"]: T.quantize_rows(originals[e["name"]], 5, cl) for e in entries if e.get("scheme") == "int6"}
+    all5 = [dict(e, q=int5[e["name"]][0], scale=int5[e["name"]][1]) if e["name"] in int5 else e for e in entries]
+    floor_ones, floor5 = len(T.pack_artifact(ones_zeroed, cfg)), len(T.pack_artifact(all5, cfg))
     assert floor5 < floor_ones < natural
     limit = (floor5 + floor_ones) // 2 + 100  # 100 code bytes
     lines = []
-    blob = T.fit_budget(entries, originals, model.hp, 100, limit, lines.append, T.clips(hp))
+    blob = T.fit_budget(entries, originals, cfg, 100, limit, lines.append, cl)
     assert len(blob) + 100 <= limit
     assert len(lines) == 1 and lines[0].startswith("budget_fit: moved ") and "to int5" in lines[0], lines
-    n5 = int(lines[0].split()[2])
+    moved = lines[0].split(" bytes_before:")[0].split()[-1].split(",")
     _, back = T.unpack_artifact(blob)
-    int5 = [e for e in back if e["scheme"] == "int5"]
-    assert len(int5) == n5 > 0 and all(int(e["q"].abs().max()) <= 15 for e in int5)
-    assert [e["scheme"] for e in back].count("int6") == sum(e.get("scheme") == "int6" for e in entries) - n5
-    assert blob == T.fit_budget(entries, originals, model.hp, 100, limit, lambda m: None, T.clips(hp)), "deterministic"
+    got = {e["name"]: e for e in back}
+    assert sorted(n for n, e in got.items() if e["scheme"] == "int5") == sorted(moved) and 0 < len(moved) < len(int5)
+    for n in moved:  # the int5 rows ARE the int5 quantizer's output, scales included
+        assert torch.equal(got[n]["q"], int5[n][0]) and torch.equal(got[n]["scale"], int5[n][1])
+    # order: added squared error per estimated byte saved; the moved ones are a prefix of that order
+    def key(e):
+        q, sc, _ = int5[e["name"]]
+        e5 = dict(e, q=q, scale=sc)
+        added = float((q.float() * sc.float()[:, None] - originals[e["name"]]).square().sum()) - e["mse"] * e["q"].numel()
+        return added / max(T.entropy_bytes([e]) - T.entropy_bytes([e5]), 1)
+    order = [e["name"] for e in sorted((e for e in entries if e["name"] in int5), key=key)]
+    assert set(order[:len(moved)]) == set(moved)
+    fewer = [dict(e, q=int5[e["name"]][0], scale=int5[e["name"]][1]) if e["name"] in order[:len(moved) - 1] else e
+             for e in entries]
+    assert len(T.pack_artifact(fewer, cfg)) + 100 > limit, "one matrix fewer must not fit (the fewest are moved)"
+    assert blob == T.fit_budget(entries, originals, cfg, 100, limit, lambda m: None, cl), "deterministic"
     with pytest.raises(T.UserError, match=r"even with all \d+ int6 matrices in int5"):
-        T.fit_budget(entries, originals, model.hp, 100, floor5 - 1000, lambda m: None, T.clips(hp))
+        T.fit_budget(entries, originals, cfg, 100, floor5 - 1000, lambda m: None, cl)
 
 
 def test_fp16_round_equals_the_cast_it_replaces():
