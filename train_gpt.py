@@ -95,6 +95,7 @@ HPARAMS = [
     ("QAT_THRESHOLD", 0.15, "late QAT: fake-quantize once the LR multiplier drops below this (0 = never, 1 = always)"),
     ("QUANT_CLIPS", "1.0,0.98,0.96,0.93,0.9", "per-row clip candidates (fractions of the row max); least squared error wins"),
     ("QUANT_MIN_NUMEL", 65536, "matrices with at most this many values stay fp16"),
+    ("EMBED_FP16", 0, "ship the tied embedding in fp16, not int8: it is also the output layer, the costliest to round"),
     ("SIZE_LIMIT_BYTES", 16000000, "cap on code + artifact bytes; the exporter shrinks the artifact to fit"),
     # evaluation
     ("VAL_MAX_TOKENS", 0, "evaluate on this many validation tokens (0 = whole split)"),
@@ -339,10 +340,10 @@ class QLinear(nn.Module):
 
 
 class QEmbedding(QLinear):
-    """Embedding table (vocab x dim), shipped as int8 per row, fake-quantized like QLinear."""
+    """Embedding table (vocab x dim), shipped as int8 per row (or fp16 with bits=16), fake-quantized like QLinear."""
 
-    def __init__(self, num: int, dim: int, std: float):
-        super().__init__(dim, num, bits=8)
+    def __init__(self, num: int, dim: int, std: float, bits: int = 8):
+        super().__init__(dim, num, bits=bits)
         self.std = std
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -444,7 +445,7 @@ class GPT(nn.Module):
         self.hp = {k: hp[k] for k in ARCH_KEYS}
         V, dim, L = hp["VOCAB_SIZE"], hp["MODEL_DIM"], hp["NUM_LAYERS"]
         kv_dim = hp["NUM_KV_HEADS"] * (dim // hp["NUM_HEADS"])
-        self.tok_emb = QEmbedding(V, dim, std=0.005)
+        self.tok_emb = QEmbedding(V, dim, std=0.005, bits=16 if hp.get("EMBED_FP16") else 8)  # absent in artifacts
         self.bigram = self.bigram_proj = self.bigram_scale = None
         if hp["BIGRAM_VOCAB_SIZE"]:
             self.bigram = QEmbedding(hp["BIGRAM_VOCAB_SIZE"], hp["BIGRAM_DIM"], std=0.0)
@@ -486,7 +487,7 @@ class GPT(nn.Module):
         without EMA), so how well QAT carries over to the EMA is for a full-scale run to show."""
         for m in self.modules():
             if isinstance(m, QLinear):
-                m.clips = clips if m.weight.numel() > min_numel else None
+                m.clips = clips if m.bits < 16 and m.weight.numel() > min_numel else None
 
     def qat_switch(self, on: bool) -> None:
         for m in self.modules():
@@ -642,7 +643,7 @@ ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 1  # file = magic + zstd(u32 
 
 
 def quant_bits(model: GPT) -> dict[str, int]:
-    return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear)}
+    return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear) and m.bits < 16}
 
 
 def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp) -> tuple[list[dict], dict[str, Tensor]]:

@@ -183,6 +183,25 @@ def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
         T.fit_budget(entries, originals, cfg, 100, floor5 - 1000, lambda m: None, cl)
 
 
+@pytest.mark.parametrize("fp16", [0, 1])
+def test_embed_fp16_ships_the_tied_embedding_unrounded_and_leaves_it_out_of_qat(fp16, tmp_path):
+    hp = small_hp(EMBED_FP16=fp16)
+    model = randomized(T.GPT(hp))
+    model.set_qat(T.clips(hp), hp["QUANT_MIN_NUMEL"])
+    assert (model.tok_emb.clips is None) == bool(fp16) and model.ve.clips is not None
+    entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
+    e = next(e for e in entries if e["name"] == "tok_emb.weight")
+    w = model.tok_emb.weight.detach()
+    (tmp_path / "a.ptz").write_bytes(T.pack_artifact(entries, model.hp))
+    rt, _, _ = T.load_artifact_model(str(tmp_path / "a.ptz"), torch.device("cpu"))  # what the round trip scores
+    got = rt.tok_emb.weight.detach()
+    if fp16:
+        assert e["scheme"] == "fp16" and torch.equal(got, w.half().float())
+    else:
+        assert e["scheme"] == "int8" and not torch.equal(got, w.half().float())
+        assert torch.allclose(got, w, atol=float(w.abs().max()) / 127)
+
+
 def test_fp16_round_equals_the_cast_it_replaces():
     x = torch.cat((torch.rand(100000) * 60000, torch.rand(100000) * 1e-3)).clamp_min(T.SCALE_FLOOR)
     x[:4] = torch.tensor([1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, T.SCALE_FLOOR, 65504.0])  # ties round to even
