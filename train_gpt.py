@@ -646,6 +646,13 @@ def quant_bits(model: GPT) -> dict[str, int]:
     return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear) and m.bits < 16}
 
 
+def quant_fields(t: Tensor, bits: int, cl: list[float]) -> dict:
+    """An entry's int scheme, symbols, fp16 scales, mean chosen clip and reconstruction MSE."""
+    q, s, best = quantize_rows(t, bits, cl)
+    mse = float((q.float() * s.float()[:, None] - t.float()).square().mean())
+    return dict(scheme=f"int{bits}", q=q, scale=s, clip=float(torch.tensor(cl)[best.cpu()].mean()), mse=mse)
+
+
 def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp) -> tuple[list[dict], dict[str, Tensor]]:
     """Per tensor: int6/int8 rows for matrices/tables over QUANT_MIN_NUMEL values (scheme from the module), fp16 for
     smaller matrices, fp32 for vectors and controls. Returns entries (meta + arrays) and the float originals of the
@@ -655,10 +662,7 @@ def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp) -> tuple[
         t = t.detach()
         e = dict(name=name, shape=list(t.shape))
         if name in bits and t.numel() > hp["QUANT_MIN_NUMEL"]:
-            q, s, best = quantize_rows(t, bits[name], cl)
-            dq = q.float() * s.float()[:, None]
-            e.update(scheme=f"int{bits[name]}", q=q, scale=s, clip=float(torch.tensor(cl)[best.cpu()].mean()),
-                     mse=float((dq - t.float()).square().mean()))
+            e.update(quant_fields(t, bits[name], cl))
             originals[name] = t.float()
         else:
             e.update(scheme="fp16" if t.ndim == 2 else "fp32", data=t.to(torch.float16 if t.ndim == 2 else torch.float32))
@@ -805,11 +809,9 @@ def fit_int5(entries, originals, config, code_bytes: int, limit: int, log, cl: l
     for i, e in enumerate(entries):
         if e.get("scheme") == "int6":
             w = originals[e["name"]].cpu()
-            q, s, best = quantize_rows(w, 5, cl)
-            err = (q.float() * s.float()[:, None] - w).square()
-            e5 = dict(e, scheme="int5", q=q, scale=s, clip=float(torch.tensor(cl)[best].mean()), mse=float(err.mean()))
+            e5 = dict(e, **quant_fields(w, 5, cl))
             saved = max(entropy_bytes([e]) - entropy_bytes([e5]), 1)
-            cand.append(((float(err.sum()) - e["mse"] * w.numel()) / saved, i, e5))
+            cand.append(((e5["mse"] - e["mse"]) * w.numel() / saved, i, e5))
     cand.sort(key=lambda c: c[:2])
 
     def build(k):
