@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where the bytes of an artifact go: one row per tensor, then totals.
 
-Columns: scheme (int6/int8, or int5 after a budget fit, per-row with fp16 scales; fp16; fp32), shape, `bytes` stored (symbols + scales, before
-compression), `zstd` = zstd-22 of that tensor's arrays alone, `bits/val` = zstd-22 of its symbols alone in bits per
+Columns: scheme (int6/int8, or int5 after a budget fit, per-row with fp16 scales; fp16; fp32), shape, `bytes`
+stored (symbols + scales, before compression), `zstd` = zstd-22 of that tensor's arrays alone, `bits/val` = zstd-22 of its symbols alone in bits per
 value, `H0` = order-0 entropy bound of its symbols (+ raw scales; train_gpt.entropy_bytes) and the same bound in
 bits per value, the mean chosen clip fraction and the reconstruction MSE against the float weights.
 The file itself is the 8-byte magic + one zstd-22 frame over (JSON metadata + all arrays), so its size differs a
