@@ -194,24 +194,29 @@ def test_check_record_fails_tampered_folders(record, tmp_path, case, rule, detai
         assert rc == 1 and f"FAIL {rule}: " in out
 
 
+UPSTREAM_SEEDS = ((1337, -0.0002), (42, 0.0), (7, 0.0002))  # seed, val_bpb offset (mean offset 0)
+
+
 def _upstream_folder(root, code_in_log=True, val_bpb="1.22436570"):
+    """A 2026-03 era record folder (the baseline's log format), three seeds."""
     folder = root / "track_10min_16mb" / "2026-03-17_NaiveBaseline"
     folder.mkdir(parents=True)
     script = b'"""an upstream script"""\nimport os\nprint("train")\n'
     (folder / "train_gpt.py").write_bytes(script)
     (folder / "README.md").write_text("This record captures the baseline.\n")
     steps = "".join(f"step:{s}/20000 train_loss:{3 - s / 20000:.4f} train_time:{s * 43.54:.0f}ms step_avg:43.54ms\n" for s in range(200, 13800, 200))
-    log = ((script + b"\n" + b"=" * 100 + b"\nRunning Python 3.12\n" + b"=" * 100 + b"\n") if code_in_log else b"W0318 torchrun warning\n") + (
-        "model_params:17059912\nworld_size:8 grad_accum_steps:1\n"
-        "train_batch_tokens:524288 train_seq_len:1024 iterations:20000 warmup_steps:20 max_wallclock_seconds:600.000\nseed:1337\n"
-        + steps + "step:13780/20000 val_loss:2.0606 val_bpb:1.2172 train_time:600038ms step_avg:43.54ms\n"
-        "stopping_early: wallclock_cap train_time:600038ms step:13780/20000\n"
-        f"Serialized model: 67224983 bytes\nCode size: {len(script)} bytes\nTotal submission size: {67224983 + len(script)} bytes\n"
-        "Serialized model int8+zlib: 15815847 bytes (payload:17178912 raw_torch:17224025 payload_ratio:3.91x)\n"
-        f"Total submission size int8+zlib: {15815847 + len(script)} bytes\n"
-        "final_int8_zlib_roundtrip val_loss:2.0727 val_bpb:1.2244 eval_time:1401ms\n"
-        "final_int8_zlib_roundtrip_exact val_loss:2.07269931 val_bpb:1.22436570\n").encode()
-    (folder / "train.log").write_bytes(log)
+    for seed, d in UPSTREAM_SEEDS:
+        log = ((script + b"\n" + b"=" * 100 + b"\nRunning Python 3.12\n" + b"=" * 100 + b"\n") if code_in_log else b"W0318 torchrun warning\n") + (
+            "model_params:17059912\nworld_size:8 grad_accum_steps:1\n"
+            f"train_batch_tokens:524288 train_seq_len:1024 iterations:20000 warmup_steps:20 max_wallclock_seconds:600.000\nseed:{seed}\n"
+            + steps + "step:13780/20000 val_loss:2.0606 val_bpb:1.2172 train_time:600038ms step_avg:43.54ms\n"
+            "stopping_early: wallclock_cap train_time:600038ms step:13780/20000\n"
+            f"Serialized model: 67224983 bytes\nCode size: {len(script)} bytes\nTotal submission size: {67224983 + len(script)} bytes\n"
+            "Serialized model int8+zlib: 15815847 bytes (payload:17178912 raw_torch:17224025 payload_ratio:3.91x)\n"
+            f"Total submission size int8+zlib: {15815847 + len(script)} bytes\n"
+            f"final_int8_zlib_roundtrip val_loss:2.0727 val_bpb:{1.2244 + d:.4f} eval_time:1401ms\n"
+            f"final_int8_zlib_roundtrip_exact val_loss:{2.07269931 + d * 1.6928:.8f} val_bpb:{1.22436570 + d:.8f}\n").encode()
+        (folder / f"train_seed{seed}.log").write_bytes(log)
     (folder / "submission.json").write_text(
         f'{{"author": "Baseline", "github_id": "openai", "name": "Naive Baseline", "blurb": "SP-1024 9x512 KV4.", '
         f'"date": "2026-03-18T00:05:35Z", "val_loss": 2.07269931, "val_bpb": {val_bpb}, "bytes_total": {15815847 + len(script)}, "bytes_code": {len(script)}}}')
@@ -224,9 +229,9 @@ def test_check_record_accepts_an_upstream_format_folder(tmp_path, code_in_log):
     res, _ = check_record.check(str(folder))
     assert all(ok for ok, _, _ in res), res
     details = {r: d for _, r, d in res}
-    assert "final_int8_zlib_roundtrip_exact val_bpb 1.22436570" in details["logs"]
+    assert "train_seed42.log: final_int8_zlib_roundtrip_exact (roundtrip) val_bpb 1.22436570" in details["logs"]
     assert ("identical" if code_in_log else "size only") in details["code"]
-    assert "600.04 s" in details["train time"] and "8 GPUs" in details["hardware"]
+    assert "600.04 s" in details["train time"] and "8 GPUs" in details["hardware"] and "seeds [1337, 42, 7]" in details["seeds"]
     assert {"train time", "eval time", "hardware", "size", "agrees"} <= set(details)
 
 
@@ -235,7 +240,7 @@ def test_check_record_catches_upstream_disagreement(tmp_path):
     (folder / "train_gpt.py").write_bytes(b"print('other')\n")
     rc, out, _ = tool("check_record", folder)
     assert rc == 1 and "FAIL agrees: val_bpb 1.2169 but the logs' mean is 1.22436570" in out
-    assert "FAIL code: train.log logged different code" in out
+    assert "FAIL code: train_seed1337.log logged different code" in out
 
 
 # ----------------------------------------------------------------------------- significance
@@ -248,11 +253,18 @@ def t_sf_by_integration(t, df, n=20000):
     return 0.5 - area if t >= 0 else 0.5 + area
 
 
-def test_t_distribution_tail_matches_tables_and_integration():
-    for t, df, p in ((2.776445, 4, 0.025), (1.812461, 10, 0.05), (12.706205, 1, 0.025), (2.326348, 1e7, 0.01)):
-        assert significance.t_sf(t, df) == pytest.approx(p, rel=1e-5)
-    for t, df in ((0.3, 2.5), (3.1, 3.45), (-1.2, 7.7), (6.0, 4.0)):
-        assert significance.t_sf(t, df) == pytest.approx(t_sf_by_integration(t, df), abs=1e-9)
+def test_welch_p_is_scipys_and_matches_tables_and_integration():
+    from scipy import stats
+    new, old = [2.3101, 2.3120, 2.3094], [2.3330, 2.3290, 2.3351, 2.3318]
+    r = significance.welch(new, statistics.mean(old), statistics.stdev(old), 4)
+    raw = stats.ttest_ind(old, [x + 0.005 for x in new], equal_var=False, alternative="greater")  # from the raw samples
+    assert r["t"] == pytest.approx(raw.statistic, rel=1e-9) and r["p"] == pytest.approx(raw.pvalue, rel=1e-9)
+    assert r["p"] == pytest.approx(t_sf_by_integration(r["t"], r["df"]), abs=1e-9)
+    # a table value: t = 2.776445 at df = 4 has a one-sided tail of 0.025 (single old run: df = n_new - 1 = 4)
+    five = [0.0, 0.001, -0.001, 0.002, -0.002]
+    s = statistics.stdev(five) / math.sqrt(5)
+    r1 = significance.welch([x + 1.0 for x in five], 1.0 + 0.005 + 2.776445 * s, 0.0, 1)
+    assert r1["df"] == 4 and r1["t"] == pytest.approx(2.776445) and r1["p"] == pytest.approx(0.025, rel=1e-5)
 
 
 def _score_logs(folder, name, losses):
@@ -312,7 +324,6 @@ def test_inspect_artifact_refuses_other_files_in_one_line(run):
 
 
 def test_plot_log_draws_overlaid_runs(run, tmp_path):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "curves.png"
     assert call(plot_log.main, *run["logs"], "-o", out) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -322,7 +333,7 @@ def test_plot_log_without_matplotlib_says_so(run, tmp_path):
     (tmp_path / "matplotlib").mkdir()
     (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
     rc, out, err = tool("plot_log", run["log"], "-o", tmp_path / "c.png", env={"PYTHONPATH": str(tmp_path)})
-    assert rc == 1 and err == "error: plot_log.py needs matplotlib, an optional dependency: pip install matplotlib\n"
+    assert rc == 1 and err == "error: plot_log.py needs matplotlib: pip install -r requirements.txt\n"
 
 
 # ----------------------------------------------------------------------------- packed script
@@ -400,15 +411,18 @@ def _as_record_run(raw: bytes, train_ms: int) -> bytes:
 
 @pytest.mark.parametrize("train_ms, ok", [(600020, True), (640000, False)])
 def test_record_track_time_rule(run, tmp_path, train_ms, ok):
-    (tmp_path / "r.log").write_bytes(_as_record_run(run["raw"], train_ms))
+    logs = []
+    for seed, shift in ((1337, 0.0), (42, 0.001), (2024, -0.001)):  # the record track needs three seeds
+        logs.append(tmp_path / f"r{seed}.log")
+        logs[-1].write_bytes(variant(_as_record_run(run["raw"], train_ms), seed=seed, shift=shift))
     out = tmp_path / "track_10min_16mb" / "2026-01-01_Timed"
     if ok:  # the step in flight when the 600 s cap hit is allowed
-        assert call(make_record.main, tmp_path / "r.log", "--name", "Timed", "--author", "a", "--github-id", "a", "--out", out) == 0
+        assert call(make_record.main, *logs, "--name", "Timed", "--author", "a", "--github-id", "a", "--out", out) == 0
         res = dict((r, (k, d)) for k, r, d in check_record.check(str(out))[0])
         assert res["train time"][0] and res["hardware"][0] and res["eval time"][0] and "full validation split" in res["eval time"][1]
     else:
         with pytest.raises(ToolError, match="not written"):
-            call(make_record.main, tmp_path / "r.log", "--name", "Timed", "--author", "a", "--github-id", "a", "--out", out)
+            call(make_record.main, *logs, "--name", "Timed", "--author", "a", "--github-id", "a", "--out", out)
         assert not out.exists()
 
 

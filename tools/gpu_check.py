@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -48,6 +47,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tools.logparse import Log, value  # noqa: E402  (the one log parser of the tools)
+
 FINEWEB_VAL_TOKENS = 62_021_846  # the published validation split (DESIGN.md section 2)
 COMPETITION_LIMIT = 16_000_000
 TRAIN_BUDGET_S = EVAL_BUDGET_S = 600.0
@@ -93,83 +95,56 @@ say = Tee()
 
 
 # ----------------------------------------------------------------------------- log parsing
-_KV = re.compile(r"([A-Za-z_][\w.]*)[:=](\S+)")
-_NUM = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-
-
-def num(v: str):
-    """'1234' -> 1234, '12.5ms' -> 12.5, 'nan' -> nan; anything else stays a string."""
-    if v.lower() in ("nan", "inf", "-inf", "+inf"):
-        return float(v)
-    m = _NUM.match(v)
-    if not m or v[m.end():] not in ("", "ms", "s"):
-        return v
-    s = m.group(0)
-    return int(s) if re.fullmatch(r"[-+]?\d+", s) else float(s)
-
-
-def fields(line: str) -> dict:
-    """All key:value and key=value tokens of a line, values converted to numbers where they are numbers."""
-    return {k: num(v) for k, v in _KV.findall(line)}
-
-
 def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
-    """The facts of one train_gpt.py run from its log lines (the part after the code block, or the console).
-    Tolerant of added fields and of lines it does not know."""
-    p: dict = dict(hparams={}, steps=[], errors=[], recompiles=0, graph_breaks=0)
-    for line in lines:
-        line = line.rstrip("\n")
-        f = fields(line)
-        head = line.split(":", 1)[0]
-        if line.startswith("python:") and " torch:" in line:
-            m = re.search(r" device:(.*?) world_size:", line)
-            p["versions"] = dict(python=f.get("python"), torch=str(f.get("torch")), cuda=str(f.get("cuda")),
-                                 device=m.group(1) if m else None, world_size=f.get("world_size"))
-        elif line.startswith("step:") and "train_loss:" in line:
-            s = str(f["step"]).split("/")[0]
-            p["steps"].append(dict(step=int(s), train_ms=f.get("train_time"), loss=f.get("train_loss"),
-                                   lr_mult=f.get("lr_mult"), step_avg_ms=f.get("step_avg")))
-        elif line.startswith("late_qat:enabled"):
-            p["late_qat"] = dict(step=f.get("step"), lr_mult=f.get("lr_mult"))
-        elif line.startswith("warmup_steps:") and " done" in line:
-            p["warmup_done"] = f.get("warmup_steps")
-        elif line.startswith("features:"):
-            p["features"] = {k: v for k, v in f.items() if k in ("attention", "compile", "ema", "qat_threshold")}
-        elif line.startswith("model_params:"):
-            p["model_params"] = f["model_params"]
-        elif line.startswith("size_forecast:"):
-            p["size_forecast"] = dict(bytes=f.get("size_forecast"), step=f.get("step"))
-        elif line.startswith("train_done "):
-            p["train_done"] = dict(steps=f.get("steps"), train_ms=f.get("train_time"), step_avg_ms=f.get("step_avg"),
-                                   peak_mem_gib=f.get("peak_mem_gib"))
-        elif line.startswith("pre_quant_exact "):
-            p["pre_quant"] = dict(val_loss=f.get("val_loss"), val_bpb=f.get("val_bpb"))
-        elif line.startswith("budget_fit:"):
-            p["budget_fit"] = line
-        elif line.startswith("artifact: "):
-            p["artifact"] = dict(bytes=f.get("bytes"), export_seconds=f.get("export_seconds"))
-        elif line.startswith("code_bytes:"):
-            p["code_bytes"] = f["code_bytes"]
-        elif line.startswith("total_submission_bytes:"):
-            p["total"] = dict(bytes=f.get("total_submission_bytes"), limit=f.get("limit"), status=line.split()[-1])
-        elif line.startswith("final_roundtrip_exact "):
-            p["roundtrip"] = dict(val_loss=f.get("val_loss"), val_bpb=f.get("val_bpb"), tokens=f.get("tokens"),
-                                  eval_seconds=f.get("eval_seconds"))
-        elif line.startswith("final_sliding_exact "):
-            p["sliding"] = dict(val_loss=f.get("val_loss"), val_bpb=f.get("val_bpb"), stride=f.get("stride"),
-                                seq_len=f.get("seq_len"), eval_seconds=f.get("eval_seconds"))
-        elif line.startswith("sliding_eval "):
-            p["sliding_eval"] = dict(tokens=f.get("tokens"), tokens_per_s=f.get("tokens_per_s"),
-                                     full_split_tokens=f.get("full_split_tokens"),
-                                     full_split_estimate_s=f.get("full_split_estimate_s"))
-        elif line.startswith("error:"):
-            p["errors"].append(line)
-        elif RECOMPILE in line:
-            p["recompiles"] += 1
-        elif GRAPH_BREAK in line:
-            p["graph_breaks"] += 1
-        elif head in hparam_names and line.count(":") >= 1 and " " not in head:
-            p["hparams"][head] = num(line.split(":", 1)[1])
+    """The facts of one train_gpt.py run from its log lines (the part after the code block, or the console), read by
+    tools/logparse.py, the parser every tool shares. Tolerant of added fields and of lines it does not know."""
+    lg = Log.from_lines(lines)
+
+    def last(head, *keys):
+        """The numbers of the last line starting with `head` (None when there is none)."""
+        t = lg.last.get(head)
+        return None if t is None else {k: (value(t[k]) if k in t else None) for k in keys}
+
+    p: dict = dict(hparams={}, steps=[], errors=[f"error: {e}" for e in lg.errors], recompiles=0, graph_breaks=0)
+    if lg.versions:
+        v = lg.versions
+        p["versions"] = dict(python=value(v.get("python", "")), torch=v.get("torch"), cuda=v.get("cuda"), device=lg.device,
+                             world_size=lg.world_size)
+    p["steps"] = [dict(step=x["step"], train_ms=x["time_ms"], loss=x["loss"], lr_mult=x["lr_mult"], step_avg_ms=x["step_avg_ms"])
+                  for x in lg.train]
+    if "late_qat" in lg.last:
+        p["late_qat"] = last("late_qat", "step", "lr_mult")
+    if "warmup_steps" in lg.last and any(l.startswith("warmup_steps:") and " done" in l for l in lines):
+        p["warmup_done"] = value(lg.last["warmup_steps"]["warmup_steps"])
+    if "features" in lg.last:
+        p["features"] = {k: value(v) for k, v in lg.last["features"].items() if k in ("attention", "compile", "ema", "qat_threshold")}
+    if "model_params" in lg.info:
+        p["model_params"] = value(lg.info["model_params"])
+    if "size_forecast" in lg.last:
+        p["size_forecast"] = dict(bytes=value(lg.last["size_forecast"]["size_forecast"]), step=last("size_forecast", "step")["step"])
+    if lg.train_done:
+        p["train_done"] = dict(steps=value(lg.train_done["steps"]) if "steps" in lg.train_done else None,
+                               train_ms=lg.train_ms, step_avg_ms=lg.step_avg_ms, peak_mem_gib=last("train_done", "peak_mem_gib")["peak_mem_gib"])
+    for key, name, extra in (("pre_quant", "pre_quant_exact", ()), ("roundtrip", "final_roundtrip_exact", ("tokens", "eval_seconds")),
+                             ("sliding", "final_sliding_exact", ("stride", "seq_len", "eval_seconds"))):
+        if name in lg.finals:
+            p[key] = dict(val_loss=lg.final(name, "val_loss"), val_bpb=lg.final(name), **last(name, *extra))
+    budget = [l for l in lines if l.startswith("budget_fit:")]
+    if budget:
+        p["budget_fit"] = budget[-1].rstrip("\n")
+    if "artifact" in lg.last:
+        p["artifact"] = dict(bytes=lg.artifact_bytes, export_seconds=last("artifact", "export_seconds")["export_seconds"])
+    if "plain" in lg.code_sizes:
+        p["code_bytes"] = lg.code_sizes["plain"]
+    if "total_submission_bytes" in lg.last:
+        t = lg.last["total_submission_bytes"]
+        status = next(l for l in reversed(lines) if l.startswith("total_submission_bytes:")).split()[-1]
+        p["total"] = dict(bytes=lg.logged_total, limit=value(t["limit"]) if "limit" in t else None, status=status)
+    if "sliding_eval" in lg.last:
+        p["sliding_eval"] = last("sliding_eval", "tokens", "tokens_per_s", "full_split_tokens", "full_split_estimate_s")
+    p["recompiles"] = sum(RECOMPILE in l for l in lines)
+    p["graph_breaks"] = sum(GRAPH_BREAK in l for l in lines)
+    p["hparams"] = {k: value(v) for k, v in lg.hparams.items() if k in hparam_names}
     return p
 
 
@@ -569,7 +544,7 @@ def checks(preset, r, p, dry, hp_defaults, env) -> dict:
         c["qat_switched_mid_run"] = bool(q["enabled"] and r["train"]["steps"] and 1 < q["step"] < r["train"]["steps"])
         c["sliding_eval_ran"] = r["sliding"] is not None
         if cuda:
-            c["full_size_record_config"] = all(p["hparams"].get(k.lower()) == num(str(hp_defaults[k])) for k in FULL_SIZE_KEYS)
+            c["full_size_record_config"] = all(p["hparams"].get(k.lower()) == value(str(hp_defaults[k])) for k in FULL_SIZE_KEYS)
     return c
 
 

@@ -1,9 +1,20 @@
-"""The one parser of training logs shared by the tools, and their common command-line plumbing.
+"""The one parser of training logs shared by the tools (check_record, significance, plot_log, make_record, gpu_check).
 
 Reads this project's logs (LOG_DIR/RUN_ID.txt written by train_gpt.py: a `==== code: ... ====` block holding the
-script byte for byte, then `key:value` lines) and, tolerantly, logs in the formats of openai/parameter-golf records
-(the script text followed by a line of 100 '=', or a plain stdout capture; `final_*_exact` result lines,
-`Serialized model ...: N bytes`, `Code size: N bytes`). Lines are read as `key:value` tokens, never by position.
+script byte for byte, then `key:value` lines) and the logs of openai/parameter-golf records of every era, by the shape
+of their lines rather than by a list of names:
+- the script text followed by a line of 100 '=', or a plain stdout capture (nvidia-smi tables included);
+- `key:value` and `key: value` tokens, never read by position; times in ms, s or m (`train_time: 3.4m`);
+- step lines `step:N/T ...`, `step: N/T ...` or a bare `N/T train_loss: ...`;
+- score lines under any name that carry `val_loss:` and `val_bpb:` (`final_int8_zlib_roundtrip_exact`,
+  `final_int6_sliding_window_s64_exact`, `quantized_sliding_window`, `quantized_ttt_phased`, `legal_ttt_exact`,
+  `diagnostic pre-quantization post-ema`, this project's `final_sliding_exact`, ...), each classified by its name as
+  pre-quant, round trip, sliding or test-time-trained (KINDS); `eval_time:` on any of them, `total_eval_time:`;
+- hyperparameters as this project's block after `run_id:` or an indented `Hyperparameters:` block (`  seed: 42`);
+- `train_done ...` / `stopping_early: wallclock_cap train_time: ...`, `Serialized model ...: N bytes`, `Code size: N
+  bytes`, `Code size (compressed|uncompressed): N`, `Total submission size ...: N`, a size line ending in `OVER`.
+The submission metric is chosen on purpose: the last evaluation the log reports in the order test-time-trained >
+sliding > round trip (within a kind the last line, the `*_exact` one where a rounded twin exists); never pre-quant.
 """
 from __future__ import annotations
 
@@ -17,16 +28,23 @@ import sys
 LIMIT = 16_000_000  # code + artifact bytes, decimal
 RECORD_SECONDS = 600.0  # training (and, separately, evaluation) budget of the record track
 TRACKS = ("10min_16mb", "non_record_16mb")
-PREFERRED_METRICS = ("final_sliding_exact", "final_roundtrip_exact")  # this project's lines, best first
+KINDS = ("pre", "roundtrip", "sliding", "ttt")  # score kinds, the submission metric is the best present of the last three
+KIND_NAMES = dict(pre="pre-quant", roundtrip="round trip", sliding="sliding window", ttt="test-time-trained")
 # Hyperparameter lines that are not part of a run's configuration: its identity, machine paths, log cadence.
 NOT_CONFIG = {"seed", "run_id", "log_dir", "artifact", "data_path", "tokenizer_path", "train_log_every", "val_loss_every"}
 
 _HEAD = re.compile(rb"==== code: (.+?) code_bytes:(\d+) sha256:([0-9a-f]{64}) ====\n")
 _TAIL = b"\n==== end of code ====\n"
 _UPSTREAM_RULE = b"\n" + b"=" * 100 + b"\n"
-_TOKEN = re.compile(r"(?<!\S)([A-Za-z_][\w.]*)[:=](\S+)")
+# `key:value` / `key=value`, or `key: value` where the value holds no ':' (so `features: attention:sdpa` keeps both)
+_TOKEN = re.compile(r"(?<!\S)([A-Za-z_][\w./]*)[:=](\S+)|(?<!\S)([A-Za-z_][\w./]*): ([^\s:]+)(?=\s|$)")
 _HPARAM = re.compile(r"([a-z][a-z0-9_]*):(.*)")
+_INDENTED = re.compile(r"\s+([A-Za-z_]\w*): ?(.*)")
 _NUM = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_STEP = re.compile(r"(?:step:\s?)?(\d+)/(\d+)(?=\s|$)")
+_SCORE = re.compile(r"(?:^|\s)val_loss:\s?(\S+)\s.*?\bval_bpb:\s?(\S+)")
+_SMI_GPU = re.compile(r"^\|\s+\d+\s+((?:NVIDIA|Tesla)\b.*?)\s+(?:On|Off)\s+\|")
+_OVER = re.compile(r"(?i:size|bytes|limit).*\bOVER\b")
 
 
 class ToolError(Exception):
@@ -39,20 +57,53 @@ def num(v):
     return float(m.group()) if m else None
 
 
+def value(v: str):
+    """A token's value as a number where it is one ('1234' -> 1234, '12.5ms' -> 12.5, 'nan' -> nan), else the string."""
+    if v.lower() in ("nan", "inf", "-inf", "+inf"):
+        return float(v)
+    m = _NUM.match(v)
+    if not m or v[m.end():] not in ("", "ms", "s"):
+        return v
+    return int(m.group()) if re.fullmatch(r"[-+]?\d+", m.group()) else float(m.group())
+
+
+def ms(v):
+    """A logged duration in milliseconds: '588136ms', '12.5s', '3.4m' (minutes); a bare number is taken as ms."""
+    x = num(v)
+    if x is None:
+        return None
+    unit = v[_NUM.match(v).end():].strip().lower()
+    return x * {"s": 1000.0, "m": 60000.0, "min": 60000.0, "h": 3600000.0}.get(unit, 1.0)
+
+
 def tokens(line: str) -> dict:
-    return {k: v for k, v in _TOKEN.findall(line)}
+    """Every `key:value`, `key: value` and `key=value` token of a line (values as strings)."""
+    return {a or c: b or d for a, b, c, d in _TOKEN.findall(line)}
+
+
+def score_kind(name: str) -> str:
+    """pre / roundtrip / sliding / ttt from a score line's name."""
+    n = name.lower()
+    if "ttt" in n:
+        return "ttt"
+    if re.search(r"pre[-_ ]?quant|pre[-_ ]?ema|prequant|\bpre\b|^pre_", n):
+        return "pre"
+    if re.search(r"slid|window|stride|_s\d+", n):
+        return "sliding"
+    return "roundtrip"
 
 
 class Log:
     """Facts of one training log. Missing facts are None (upstream logs lack many)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, raw: bytes | None = None):
         self.path, self.name = path, os.path.basename(path)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise ToolError(f"cannot read log {path}: {e.strerror}") from None
+        if raw is None:
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+            except OSError as e:
+                raise ToolError(f"cannot read log {path}: {e.strerror}") from None
         self.raw, self.code, self.code_name, self.declared = raw, None, None, {}
         self.format = "upstream"
         heads = list(_HEAD.finditer(raw))
@@ -79,80 +130,129 @@ class Log:
                     pass
         self._parse(text.splitlines())
 
+    @classmethod
+    def from_lines(cls, lines, name: str = "(lines)") -> "Log":
+        """A log from lines already read (a console capture): no code block is looked for."""
+        lg = cls.__new__(cls)
+        lg.path = lg.name = name
+        lg.raw, lg.code, lg.code_name, lg.declared, lg.format = None, None, None, {}, "upstream"
+        lg._parse(list(lines))
+        return lg
+
     def _parse(self, lines):
-        self.hparams, self.versions, self.run_id, self.error = {}, {}, None, None
-        self.train, self.val, self.finals, self.info = [], [], {}, {}
-        self.artifact_bytes = self.logged_total = self.logged_code_bytes = None
+        self.hparams, self.versions, self.run_id, self.errors = {}, {}, None, []
+        self.train, self.val, self.finals, self.scores, self.info = [], [], {}, [], {}
+        self.last = {}  # head word of a line (before ':' or ' ') -> the tokens of the last line with that head
+        self.artifact_bytes = self.logged_total = self.logged_code_bytes = self.total_eval_ms = None
+        self.code_sizes, self.over_lines, self.gpus = {}, [], []
         self.train_done = {}
-        in_hp = False
+        in_hp = indented = False
         for line in lines:
-            line = line.rstrip("\r")
-            head = line.split(" ", 1)[0]
+            line = line.rstrip("\r\n")
             if in_hp:
-                m = _HPARAM.fullmatch(line)
+                m = _INDENTED.fullmatch(line) if indented else _HPARAM.fullmatch(line)
                 if m and m.group(1) != "model_params":
-                    self.hparams[m.group(1)] = m.group(2)
+                    self.hparams[m.group(1)] = m.group(2).strip()
                     continue
                 in_hp = False
+            head = line.split(" ", 1)[0]
             t = tokens(line)
-            if line.startswith("run_id:") and self.format == "this" and not self.hparams:
-                self.run_id, in_hp = line[7:], True
+            key = re.split(r"[:\s]", line.strip(), maxsplit=1)[0]
+            if key:
+                self.last[key] = t
+            score = _SCORE.search(line)
+            step = _STEP.match(head if head != "step:" else line)
+            if line.startswith("run_id:") and not self.hparams and self.run_id is None:
+                self.run_id, in_hp, indented = line[7:].strip(), True, False
+            elif line.strip() == "Hyperparameters:" and not self.hparams:
+                in_hp, indented = True, True
             elif line.startswith("python:") and "torch" in t:
-                self.versions = t
+                self.versions = dict(t)
                 if m := re.search(r" device:(.*?) world_size:", line):  # GPU names hold spaces
                     self.versions["device"] = m.group(1)
             elif line.startswith("error: "):
-                self.error = line[7:]
-            elif head.startswith("step:") and "/" in head:
-                s, total = head[5:].split("/", 1)
-                p = dict(step=int(num(s) or 0), total=num(total), time_ms=num(t.get("train_time")))
+                self.errors.append(line[7:])
+            elif step and ("train_loss" in t or "val_bpb" in t):
+                p = dict(step=int(step.group(1)), total=float(step.group(2)), time_ms=ms(t["train_time"]) if "train_time" in t else None)
                 if "train_loss" in t:
-                    self.train.append(dict(p, loss=num(t["train_loss"]), step_avg_ms=num(t.get("step_avg"))))
+                    self.train.append(dict(p, loss=num(t["train_loss"]), step_avg_ms=ms(t["step_avg"]) if "step_avg" in t else None,
+                                           lr_mult=num(t.get("lr_mult"))))
                 if "val_bpb" in t:
                     self.val.append(dict(p, loss=num(t.get("val_loss")), bpb=num(t["val_bpb"])))
-            elif "val_bpb" in t and (head.endswith("_exact") or head.startswith("final_")):
-                self.finals[head] = dict(t, _line=line)
+            elif score and num(score.group(1)) is not None and num(score.group(2)) is not None:
+                name = line[:score.start()].strip() or "val"
+                self.finals[name] = dict(t, _line=line)
+                self.scores.append(dict(name=name, kind=score_kind(name), val_loss=num(score.group(1)), val_bpb=num(score.group(2)),
+                                        eval_ms=ms(t["eval_time"]) if "eval_time" in t else (
+                                            1000 * num(t["eval_seconds"]) if "eval_seconds" in t else None), line=line))
             elif head in ("train_done", "stopping_early:"):
                 self.train_done = t
             elif head == "artifact:" and (m := re.search(r"\bbytes=(\d+)", line)):
                 self.artifact_bytes = int(m.group(1))
             elif m := re.match(r"Serialized model[^:]*: (\d+) bytes", line):
                 self.artifact_bytes = int(m.group(1))  # the last one is the compressed model
-            elif m := re.match(r"(?:total_submission_bytes:|Total submission size[^:]*: )(\d+)", line):
+            elif m := re.match(r"(?:total_submission_bytes:|Total submission size[^:]*: ?)(\d+)", line):
                 self.logged_total = int(m.group(1))
-            elif m := re.match(r"(?:code_bytes:|Code size: )(\d+)", line):
-                self.logged_code_bytes = int(m.group(1))
+            elif m := re.match(r"(?:code_bytes:|Code size(?: \((\w+)\))?: ?)(\d+)", line):
+                self.code_sizes[m.group(1) or "plain"] = int(m.group(2))
+            elif head.startswith("total_eval_time:"):
+                self.total_eval_ms = ms(t["total_eval_time"])
             elif head.startswith(("train_shards:", "model_params:")):
                 self.info.update(t)
             elif head == "features:":
                 self.info["features"] = line[10:]
+            elif gpu := _SMI_GPU.match(line):
+                self.gpus.append(gpu.group(1).strip())
+            if _OVER.search(line) and not line.startswith(("step", "error")):
+                self.over_lines.append(line.strip())
             if "seed" in t and "seed" not in self.info and not self.hparams:
                 self.info["seed"] = t["seed"]  # upstream: the first seed:N token
-            if "world_size" in t and "world_size" not in self.info:
-                self.info["world_size"] = t["world_size"]
-        if self.logged_code_bytes is None:
+            for k in ("world_size", "max_wallclock_seconds"):  # upstream: inline tokens of a settings line
+                if k in t and k not in self.info:
+                    self.info[k] = t[k]
+        if self.code_sizes:  # what counts: the compressed (self-extracting) script when the log gives both
+            self.logged_code_bytes = self.code_sizes.get("compressed", self.code_sizes.get("plain", max(self.code_sizes.values())))
+        else:
             self.logged_code_bytes = self.declared.get("code_bytes")
 
     # ------------------------------------------------------------------ derived facts
     @property
+    def error(self):
+        return self.errors[-1] if self.errors else None
+
+    def score(self, kind: str) -> dict | None:
+        """The last score line of a kind; of a rounded line and its `*_exact` twin, the exact one."""
+        lines = [s for s in self.scores if s["kind"] == kind]
+        names = {s["name"] for s in lines}
+        lines = [s for s in lines if s["name"] + "_exact" not in names]
+        return lines[-1] if lines else None
+
+    @property
+    def metric(self) -> dict | None:
+        """The submission metric: the last evaluation reported, test-time-trained > sliding > round trip."""
+        return next((s for s in map(self.score, ("ttt", "sliding", "roundtrip")) if s), None)
+
+    @property
     def metric_name(self):
-        """The submission metric: final_sliding_exact, else final_roundtrip_exact; in other formats the last
-        `*_exact` result line (not pre-quantization), else the last `final_*` line with a val_bpb."""
-        for k in PREFERRED_METRICS:
-            if k in self.finals:
-                return k
-        keys = [k for k in self.finals if not k.startswith("pre")]
-        exact = [k for k in keys if k.endswith("_exact")]
-        return (exact or [k for k in keys if k.startswith("final_")] or [None])[-1]
+        return self.metric["name"] if self.metric else None
 
-    def _final(self, key):
-        return num(self.finals[self.metric_name].get(key)) if self.metric_name else None
+    @property
+    def metric_kind(self):
+        return self.metric["kind"] if self.metric else None
 
-    val_loss = property(lambda self: self._final("val_loss"))
-    val_bpb = property(lambda self: self._final("val_bpb"))
+    val_loss = property(lambda self: self.metric["val_loss"] if self.metric else None)
+    val_bpb = property(lambda self: self.metric["val_bpb"] if self.metric else None)
 
     def final(self, name, key="val_bpb"):
-        return num(self.finals.get(name, {}).get(key))
+        """A score by line name, or by kind (KINDS)."""
+        s = self.score(name) if name in KINDS else next((s for s in reversed(self.scores) if s["name"] == name), None)
+        return s[key] if s else None
+
+    @property
+    def nats_per_bpb(self):
+        """val_loss / val_bpb = ln 2 x bytes per token: a fingerprint of the tokenizer (and validation text)."""
+        m = self.metric
+        return m["val_loss"] / m["val_bpb"] if m and m["val_bpb"] else None
 
     @property
     def seed(self):
@@ -171,37 +271,48 @@ class Log:
     def train_ms(self):
         """Training wall-clock (evaluation excluded), as the script measured it."""
         if "train_time" in self.train_done:
-            return num(self.train_done["train_time"])
+            return ms(self.train_done["train_time"])
         times = [p["time_ms"] for p in self.train + self.val if p["time_ms"] is not None]
         return max(times) if times else None
 
     @property
     def step_avg_ms(self):
         if "step_avg" in self.train_done:
-            return num(self.train_done["step_avg"])
+            return ms(self.train_done["step_avg"])
         return self.train_ms / self.steps if self.train_ms is not None and self.steps else None
 
     @property
     def eval_seconds(self):
-        """Evaluation time of the final scoring passes (round trip + sliding), when logged."""
+        """Evaluation time as the log reports it: `total_eval_time`, else this project's final passes (round trip +
+        sliding), else the submission metric's own `eval_time`."""
+        if self.total_eval_ms is not None:
+            return self.total_eval_ms / 1000
         s = [num(f["eval_seconds"]) for k, f in self.finals.items() if k.startswith("final_") and "eval_seconds" in f]
         if s:
             return sum(s)
-        t = self.finals.get(self.metric_name, {}).get("eval_time") if self.metric_name else None
-        return num(t) / 1000 if t and t.endswith("ms") else num(t)
+        return self.metric["eval_ms"] / 1000 if self.metric and self.metric["eval_ms"] is not None else None
+
+    @property
+    def wallclock_cap(self):
+        """MAX_WALLCLOCK_SECONDS as logged (hyperparameter block or an inline token), in seconds."""
+        return num(self.hparams.get("max_wallclock_seconds", self.info.get("max_wallclock_seconds")))
 
     @property
     def world_size(self):
-        w = self.versions.get("world_size", self.info.get("world_size"))
-        return int(num(w)) if w is not None else None
+        w = self.versions.get("world_size", self.hparams.get("world_size", self.info.get("world_size")))
+        return int(num(w)) if w is not None and num(w) is not None else (len(self.gpus) or None)
 
     @property
     def device(self):
-        return self.versions.get("device")
+        return self.versions.get("device") or (self.gpus[0] if self.gpus else None)
 
     @property
     def code_sha(self):
         return hashlib.sha256(self.code).hexdigest() if self.code is not None else None
+
+    @property
+    def raw_sha(self):
+        return hashlib.sha256(self.raw).hexdigest() if self.raw is not None else None
 
     @property
     def config(self):
@@ -213,6 +324,19 @@ class Log:
 
     def label(self):
         return f"{self.name} (seed {self.seed})" if self.seed is not None else self.name
+
+
+def unique_logs(logs: list[Log]) -> tuple[list[Log], list[str]]:
+    """Byte-identical copies (a train.log copied to train_seed1337.log) count once -> (logs, notes)."""
+    seen, out, notes = {}, [], []
+    for lg in logs:
+        key = lg.raw_sha
+        if key is not None and key in seen:
+            notes.append(f"{lg.name} is a byte-identical copy of {seen[key].name}; counted once")
+        else:
+            seen[key] = lg
+            out.append(lg)
+    return out, notes
 
 
 def config_diff(a: Log, b: Log, limit: int = 4) -> str:

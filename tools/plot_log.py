@@ -2,9 +2,12 @@
 """Plot training curves of one or more logs, overlaid: train loss and val_bpb against steps and wall-clock.
 
 Four panels: train loss vs step, train loss vs training time, val_bpb vs step, val_bpb vs training time (the
-val_bpb points of VAL_LOSS_EVERY, plus each run's final scores as markers at its last step: pre-quantization,
-round trip and the submission metric). Training time is the script's own clock (evaluation excluded).
-Needs matplotlib, an optional dependency: pip install matplotlib.
+periodic val_bpb points, plus each run's final scores as markers at its last step: pre-quant, round trip, sliding
+window, test-time-trained, and a ring around the submission metric). Training time is the script's own clock
+(evaluation excluded). Reads every log format tools/logparse.py reads (this project's and every era of the public
+records). Runs are labelled by file name and seed; when two logs share a file name (train.log of several records),
+by their folder too. A run with no step or score lines is reported on stderr, not drawn.
+Needs matplotlib (in requirements.txt).
 """
 from __future__ import annotations
 
@@ -13,14 +16,24 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.logparse import PREFERRED_METRICS, Log, ToolError, cli  # noqa: E402
+from tools.logparse import KIND_NAMES, KINDS, Log, ToolError, cli  # noqa: E402
 
-FINAL_MARKERS = (("pre_quant_exact", "o", "pre-quant"), ("final_roundtrip_exact", "s", "round trip"), (None, "*", "submission metric"))
+MARKERS = dict(pre="o", roundtrip="s", sliding="^", ttt="D")
+
+
+def labels(logs: list[Log]) -> list[str]:
+    """file name (seed N); parent folder/file name when file names repeat."""
+    names = [lg.name for lg in logs]
+    out = []
+    for lg in logs:
+        name = lg.name if names.count(lg.name) == 1 else os.path.join(os.path.basename(os.path.dirname(os.path.abspath(lg.path))), lg.name)
+        out.append(f"{name} (seed {lg.seed})" if lg.seed is not None else name)
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("logs", nargs="+", metavar="LOG", help="training logs (this project's or upstream format)")
+    ap.add_argument("logs", nargs="+", metavar="LOG", help="training logs (this project's or a public record's)")
     ap.add_argument("-o", "--out", required=True, help="image to write (.png, .svg, .pdf)")
     ap.add_argument("--title", help="figure title")
     a = ap.parse_args(argv)
@@ -29,32 +42,42 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ToolError("plot_log.py needs matplotlib, an optional dependency: pip install matplotlib") from None
+        raise ToolError("plot_log.py needs matplotlib: pip install -r requirements.txt") from None
     logs = [Log(p) for p in a.logs]
-    if not any(lg.train or lg.val or lg.finals for lg in logs):
+    names = labels(logs)
+    for lg, name in zip(logs, names):
+        if not (lg.train or lg.val or lg.scores):
+            print(f"warning: {name}: no step or score lines; nothing to draw", file=sys.stderr)
+        elif not lg.train:
+            print(f"warning: {name}: no train_loss step lines", file=sys.stderr)
+    if not any(lg.train or lg.val or lg.scores for lg in logs):
         raise ToolError("no step or score lines in " + ", ".join(lg.path for lg in logs))
     fig, ax = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
-    for i, lg in enumerate(logs):
-        color, label = f"C{i % 10}", lg.label()
+    for i, (lg, label) in enumerate(zip(logs, names)):
+        color = f"C{i % 10}"
         for col, x in ((0, "step"), (1, "time_ms")):
             tr = [p for p in lg.train if p[x] is not None]
             ax[0][col].plot([p[x] / (1000 if col else 1) for p in tr], [p["loss"] for p in tr], color=color, label=label, lw=1)
             va = [p for p in lg.val if p[x] is not None]
             ax[1][col].plot([p[x] / (1000 if col else 1) for p in va], [p["bpb"] for p in va], color=color, label=label, marker=".", lw=1)
             end = lg.steps if col == 0 else (lg.train_ms / 1000 if lg.train_ms is not None else None)
-            for key, marker, _ in FINAL_MARKERS:
-                key = key or (lg.metric_name if lg.metric_name not in PREFERRED_METRICS[1:] else None)
-                y = lg.final(key) if key else None
-                if end is not None and y is not None:
-                    ax[1][col].plot([end], [y], color=color, marker=marker, ms=8, ls="none")
+            if end is None:
+                continue
+            for kind in KINDS:
+                s = lg.score(kind)
+                if s is not None:
+                    ax[1][col].plot([end], [s["val_bpb"]], color=color, marker=MARKERS[kind], ms=7, ls="none")
+            if lg.metric is not None:
+                ax[1][col].plot([end], [lg.val_bpb], color=color, marker="o", ms=14, mfc="none", ls="none")
     for (r, c), (xl, yl) in {(0, 0): ("step", "train loss (nats/token)"), (0, 1): ("training time (s)", "train loss (nats/token)"),
                              (1, 0): ("step", "val_bpb"), (1, 1): ("training time (s)", "val_bpb")}.items():
         ax[r][c].set(xlabel=xl, ylabel=yl)
         ax[r][c].grid(alpha=0.3)
     ax[0][0].legend(fontsize=8)
-    handles = [plt.Line2D([], [], color="gray", marker=m, ls="none", label=t) for _, m, t in FINAL_MARKERS]
+    handles = [plt.Line2D([], [], color="gray", marker=MARKERS[k], ls="none", label=KIND_NAMES[k]) for k in KINDS]
+    handles.append(plt.Line2D([], [], color="gray", marker="o", ms=12, mfc="none", ls="none", label="submission metric"))
     ax[1][0].legend(handles=handles, fontsize=8, title="final scores")
-    fig.suptitle(a.title or ", ".join(lg.label() for lg in logs)[:120])
+    fig.suptitle(a.title or ", ".join(names)[:120])
     fig.tight_layout()
     tmp = f"{a.out}.tmp{os.getpid()}{os.path.splitext(a.out)[1]}"
     try:
