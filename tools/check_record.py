@@ -2,8 +2,9 @@
 """Check a record folder against every rule a reviewer checks; one line per rule, PASS or FAIL.
 
 Rules: the required files (README.md, submission.json, the training script, at least one training log); the folder
-name (YYYY-MM-DD_Name) and track; submission.json parses and has the upstream fields with the right types
-(`bytes_code`, or `code_bytes` as some records spell it); every log finished with a final score; the shipped script
+name (YYYY-MM-DD_Name) and track; submission.json parses, has author, github_id, name and val_bpb (what the upstream README
+requires), and blurb, date, val_loss, bytes_total, bytes_code (or `code_bytes`, as some records spell it) well-typed
+where present; every log finished with a final score; the shipped script
 equals the code recorded in each log (byte for byte, or a tools/pack_code.py copy of it); logs that hold no code are
 checked by their logged code size (`Code size: N bytes`, `Code size (compressed): N`): a shipped script of another
 size is not the one that ran; the script compiles; all logs ran the same script and configuration; distinct seeds
@@ -37,7 +38,9 @@ from tools.logparse import LIMIT, RECORD_SECONDS, TRACKS, Log, ToolError, cli, c
 from tools.pack_code import unpack  # noqa: E402
 from tools.significance import read_side, units, welch  # noqa: E402
 
-REQUIRED = dict(author=str, github_id=str, name=str, blurb=str, date=str, val_loss=float, val_bpb=float, bytes_total=int)
+# submission.json: what the upstream README requires ("your name, GitHub ID, val_bpb"), then fields checked when present
+REQUIRED = dict(author=str, github_id=str, name=str, val_bpb=float)
+OPTIONAL = dict(blurb=str, date=str, val_loss=float, bytes_total=int, bytes_code=int, code_bytes=int)
 CODE_KEYS = ("bytes_code", "code_bytes")  # submission.json spellings of the code size
 MIN_SEEDS = 3  # record track
 OVERSHOOT_STEPS = 2  # record track: the step in flight at the cap, and the one a check after the step lets through
@@ -137,9 +140,10 @@ def check(folder: str, track: str | None = None, name: str | None = None, previo
             rule(False, "submission.json", f"does not parse: {e}")
     code_key = next((k for k in CODE_KEYS if sub and k in sub), CODE_KEYS[0])
     if sub is not None:
-        bad = [k for k, t in {**REQUIRED, code_key: int}.items() if k not in sub or not (
-            isinstance(sub[k], t) or (t is float and isinstance(sub[k], int))) or isinstance(sub[k], bool) or (t is str and not sub[k].strip())]
-        rule(not bad, "submission.json", f"missing or invalid: {', '.join(bad)}" if bad else "parses; upstream fields present")
+        bad = [k for k, t in {**REQUIRED, **OPTIONAL}.items() if (k in sub or k in REQUIRED) and (k not in sub or not (
+            isinstance(sub[k], t) or (t is float and isinstance(sub[k], int))) or isinstance(sub[k], bool) or (t is str and not sub[k].strip()))]
+        rule(not bad, "submission.json", f"missing or invalid: {', '.join(bad)}" if bad else "parses; author, github_id, name, val_bpb "
+             f"present; {', '.join(k for k in OPTIONAL if k in sub) or 'no optional field'} well-typed")
 
     trk, src = track_of(folder, sub, track)
     base = name or os.path.basename(os.path.abspath(folder))

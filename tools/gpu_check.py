@@ -123,8 +123,8 @@ def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
     if "size_forecast" in lg.last:
         p["size_forecast"] = dict(bytes=value(lg.last["size_forecast"]["size_forecast"]), step=last("size_forecast", "step")["step"])
     if lg.train_done:
-        p["train_done"] = dict(steps=value(lg.train_done["steps"]) if "steps" in lg.train_done else None,
-                               train_ms=lg.train_ms, step_avg_ms=lg.step_avg_ms, peak_mem_gib=last("train_done", "peak_mem_gib")["peak_mem_gib"])
+        p["train_done"] = dict(steps=lg.steps, train_ms=lg.train_ms, step_avg_ms=lg.step_avg_ms,
+                               peak_mem_gib=value(lg.train_done["peak_mem_gib"]) if "peak_mem_gib" in lg.train_done else None)
     for key, name, extra in (("pre_quant", "pre_quant_exact", ()), ("roundtrip", "final_roundtrip_exact", ("tokens", "eval_seconds")),
                              ("sliding", "final_sliding_exact", ("stride", "seq_len", "eval_seconds"))):
         if name in lg.finals:

@@ -223,9 +223,13 @@ class Log:
     def score(self, kind: str) -> dict | None:
         """The last score line of a kind; of a rounded line and its `*_exact` twin, the exact one."""
         lines = [s for s in self.scores if s["kind"] == kind]
-        names = {s["name"] for s in lines}
-        lines = [s for s in lines if s["name"] + "_exact" not in names]
-        return lines[-1] if lines else None
+        rounded = {s["name"] + "_exact": s for s in lines}
+        lines = [s for s in lines if s["name"] + "_exact" not in {x["name"] for x in lines}]
+        if not lines:
+            return None
+        s = lines[-1]
+        twin = rounded.get(s["name"])
+        return dict(s, eval_ms=twin["eval_ms"]) if s["eval_ms"] is None and twin else s  # the exact line has no timing
 
     @property
     def metric(self) -> dict | None:
