@@ -4,7 +4,7 @@
 Four panels: train loss vs step, train loss vs training time, val_bpb vs step, val_bpb vs training time (the
 periodic val_bpb points, plus each run's final scores as markers at its last step: pre-quant, round trip, sliding
 window, test-time-trained, and a ring around the submission metric). Training time is the script's own clock
-(evaluation excluded). Reads every log format tools/logparse.py reads (this project's and every era of the public
+(evaluation excluded); the val_bpb axes leave out the step-0 value. Reads every log format tools/logparse.py reads (this project's and every era of the public
 records). Runs are labelled by file name and seed; when two logs share a file name (train.log of several records),
 by their folder too. A run with no step or score lines is reported on stderr, not drawn.
 Needs matplotlib (in requirements.txt).
@@ -69,6 +69,10 @@ def main(argv=None) -> int:
                     ax[1][col].plot([end], [s["val_bpb"]], color=color, marker=MARKERS[kind], ms=7, ls="none")
             if lg.metric is not None:
                 ax[1][col].plot([end], [lg.val_bpb], color=color, marker="o", ms=14, mfc="none", ls="none")
+    later = [p["bpb"] for lg in logs for p in lg.val if p["step"] > 0] + [s["val_bpb"] for lg in logs for s in lg.scores]
+    if later:  # the step-0 value (about log2(vocab) bits) would squash the curves that matter
+        for c in (0, 1):
+            ax[1][c].set_ylim(min(later) - 0.02, max(later) + 0.05)
     for (r, c), (xl, yl) in {(0, 0): ("step", "train loss (nats/token)"), (0, 1): ("training time (s)", "train loss (nats/token)"),
                              (1, 0): ("step", "val_bpb"), (1, 1): ("training time (s)", "val_bpb")}.items():
         ax[r][c].set(xlabel=xl, ylabel=yl)
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
     handles = [plt.Line2D([], [], color="gray", marker=MARKERS[k], ls="none", label=KIND_NAMES[k]) for k in KINDS]
     handles.append(plt.Line2D([], [], color="gray", marker="o", ms=12, mfc="none", ls="none", label="submission metric"))
     ax[1][0].legend(handles=handles, fontsize=8, title="final scores")
-    fig.suptitle(a.title or ", ".join(names)[:120])
+    title = ", ".join(names)
+    fig.suptitle(a.title or (title if len(title) <= 120 else f"{len(names)} runs"))
     fig.tight_layout()
     tmp = f"{a.out}.tmp{os.getpid()}{os.path.splitext(a.out)[1]}"
     try:
