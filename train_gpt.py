@@ -93,7 +93,14 @@ HPARAMS = [
     ("EMA_DECAY", 0.997, "exponential moving average of the weights, evaluated and exported (0 = off)"),
     # quantization and artifact
     ("QAT_THRESHOLD", 0.15, "late QAT: fake-quantize once the LR multiplier drops below this (0 = never, 1 = always)"),
-    ("QUANT_CLIPS", "1.0,0.98,0.96,0.93,0.9", "per-row clip candidates (fractions of the row max); least squared error wins"),
+    ("QUANT_METHOD", "rtn", "rtn: round each weight to nearest; gptq: round column by column, pushing each error onto later columns through the input Hessian"),
+    ("QUANT_SCALE", "search", "per-row scales: search (QUANT_CLIPS candidates, least error wins) or sdclip (SDCLIP_K * row std)"),
+    ("QUANT_CLIPS", "1.0,0.98,0.96,0.93,0.9", "per-row clip candidates (fractions of the row max); least error (H-weighted under gptq) wins"),
+    ("SDCLIP_K", 12.85, "sdclip: int5/int6 scale = k * std(row) / qmax; larger k, fewer levels, smaller artifact"),
+    ("SDCLIP_K_EMBED", 20.0, "sdclip: the same k for the int8 embedding tables"),
+    ("GPTQ_CALIB_BATCHES", 16, "gptq: training batches run through the exported weights to collect each matrix's input Hessian"),
+    ("GPTQ_RESERVE_SECONDS", 4.0, "gptq: end training this much before MAX_WALLCLOCK_SECONDS so calibration fits the cap"),
+    ("GPTQ_DAMP", 0.01, "gptq: add this fraction of mean(diag H) to diag H: keeps the Cholesky stable"),
     ("QUANT_MIN_NUMEL", 65536, "matrices with at most this many values stay fp16"),
     ("EMBED_FP16", 0, "ship the tied embedding in fp16, not int8: it is also the output layer, the costliest to round"),
     ("SIZE_LIMIT_BYTES", 16000000, "cap on code + artifact bytes; the exporter shrinks the artifact to fit"),
@@ -167,6 +174,13 @@ def check_hparams(hp: dict, world: int) -> None:
     need(0 <= hp["EMA_DECAY"] < 1, f"EMA_DECAY={hp['EMA_DECAY']} must be in [0, 1)")
     need(0 <= hp["QAT_THRESHOLD"] <= 1, f"QAT_THRESHOLD={hp['QAT_THRESHOLD']} must be in [0, 1]")
     clips(hp)
+    need(hp["QUANT_METHOD"] in ("rtn", "gptq"), f"QUANT_METHOD={hp['QUANT_METHOD']!r} must be rtn or gptq")
+    need(hp["QUANT_SCALE"] in ("search", "sdclip"), f"QUANT_SCALE={hp['QUANT_SCALE']!r} must be search or sdclip")
+    need(hp["SDCLIP_K"] > 0 and hp["SDCLIP_K_EMBED"] > 0, "SDCLIP_K and SDCLIP_K_EMBED must be positive")
+    need(hp["GPTQ_CALIB_BATCHES"] > 0 and hp["GPTQ_RESERVE_SECONDS"] >= 0 and hp["GPTQ_DAMP"] > 0,
+         "GPTQ_CALIB_BATCHES and GPTQ_DAMP must be positive, GPTQ_RESERVE_SECONDS non-negative")
+    need(hp["QUANT_METHOD"] != "gptq" or not 0 < hp["MAX_WALLCLOCK_SECONDS"] <= hp["GPTQ_RESERVE_SECONDS"],
+         f"GPTQ_RESERVE_SECONDS={hp['GPTQ_RESERVE_SECONDS']} leaves no training time under MAX_WALLCLOCK_SECONDS={hp['MAX_WALLCLOCK_SECONDS']}")
     if hp["EVAL_ONLY"]:
         need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         return
@@ -203,6 +217,14 @@ def clips(hp) -> list[float]:
     if not c or not all(0 < x <= 1 for x in c):
         raise UserError(f"QUANT_CLIPS={hp['QUANT_CLIPS']!r}: each clip must be in (0, 1]")
     return c
+
+
+def quant_spec(hp, bits: int) -> tuple[str, list[float]]:
+    """How a `bits`-bit matrix gets its per-row scale candidates: ("amax", clips) = fractions of the row max,
+    ("std", [k]) = SDClip, k standard deviations of the row."""
+    if hp["QUANT_SCALE"] == "sdclip":
+        return "std", [hp["SDCLIP_K_EMBED"] if bits == 8 else hp["SDCLIP_K"]]
+    return "amax", clips(hp)
 
 
 # ----------------------------------------------------------------------------- data
@@ -321,6 +343,11 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class RMSNorm(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
 class QLinear(nn.Module):
     """Bias-free linear layer whose weight ships as int6 (if large enough). With late QAT it computes with
     w + stopgrad(Q(w) - w), Q being the exporter's own quantizer, once the `qat` buffer is switched on."""
@@ -330,10 +357,10 @@ class QLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
         self.bits, self.zero_init, self.out_proj = bits, zero_init, out_proj
         self.register_buffer("qat", torch.zeros((), dtype=torch.bool), persistent=False)
-        self.clips: list[float] | None = None  # set by GPT when QAT can switch on; None = no fake-quant ops at all
+        self.qspec: tuple | None = None  # set by GPT when QAT can switch on; None = no fake-quant ops at all
 
     def qweight(self) -> Tensor:
-        return self.weight if self.clips is None else fake_quant(self.weight, self.bits, self.clips, self.qat)
+        return self.weight if self.qspec is None else fake_quant(self.weight, self.bits, self.qspec, self.qat)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.qweight().to(x.dtype))
@@ -460,6 +487,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(hp, i, i in self.ve_layers) for i in range(L))
         self.n_enc = L // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), dim))
+        self.final_norm = RMSNorm()  # a module, so GPTQ calibration can hook the tied output layer's input
         self._init(L)
 
     @torch.no_grad()
@@ -477,9 +505,9 @@ class GPT(nn.Module):
                 if m.out_proj:
                     m.weight.mul_(1.0 / math.sqrt(2 * L))
 
-    def set_qat(self, clips: list[float] | None, min_numel: int) -> None:
-        """Put the exporter's quantizer (these clips) into the forward pass of every matrix that ships quantized,
-        gated by each module's `qat` buffer (off until qat_switch). clips=None removes it from the graph.
+    def set_qat(self, hp: dict | None) -> None:
+        """Put the exporter's round-to-nearest quantizer (quant_spec: same scales) into the forward pass of every
+        matrix that ships quantized, gated by each module's `qat` buffer (off until qat_switch). None removes it.
         Measured choices (README, CPU proxy): the exporter's exact clip search, not plain row-max, because with
         row-max in training and export the round-trip penalty was +0.00049 bpb against +0.00035, and compiled its
         cost is within step-time noise; the live weights, because only they get gradients. The exported EMA
@@ -487,7 +515,8 @@ class GPT(nn.Module):
         without EMA), so how well QAT carries over to the EMA is for a full-scale run to show."""
         for m in self.modules():
             if isinstance(m, QLinear):
-                m.clips = clips if m.bits < 16 and m.weight.numel() > min_numel else None
+                ships = hp is not None and m.bits < 16 and m.weight.numel() > hp["QUANT_MIN_NUMEL"]
+                m.qspec = quant_spec(hp, m.bits) if ships else None
 
     def qat_switch(self, on: bool) -> None:
         for m in self.modules():
@@ -516,7 +545,7 @@ class GPT(nn.Module):
             x = block(x, x0, cos, sin, ve if i in self.ve_layers else None)
             if i < self.n_enc:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), w_emb.to(x.dtype)).float()
+        logits = F.linear(self.final_norm(x), w_emb.to(x.dtype)).float()
         cap = self.hp["LOGIT_SOFTCAP"]
         logits = cap * torch.tanh(logits / cap)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), reduction="none" if per_token else "mean")
@@ -610,18 +639,24 @@ def fp16_round(x: Tensor) -> Tensor:
     return ((i + 0xFFF + ((i >> 13) & 1)) & -0x2000).view(torch.float32)
 
 
-def quantize_rows(w: Tensor, bits: int, clips: list[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """Symmetric per-row quantization to +-(2^(bits-1)-1) levels with an fp16 scale per row. For each row the clip
-    (fraction of the row's max |w|) with the least squared reconstruction error wins; ties go to the first candidate.
-    Returns (q int8, scale fp16, index of the chosen clip). This one function is both the exporter and, inside
+def row_scales(w: Tensor, bits: int, cands: list[float], stat: str = "amax") -> Tensor:
+    """Candidate per-row scales (C, rows, 1), exactly the fp16 values that ship: c * (row max |w| or row std) / qmax."""
+    qmax = 2 ** (bits - 1) - 1
+    r = w.abs().amax(dim=1, keepdim=True) if stat == "amax" else w.std(dim=1, keepdim=True)
+    c = torch.tensor(cands, dtype=torch.float32, device=w.device).view(-1, 1, 1)
+    return fp16_round((r * c / qmax).clamp_min(SCALE_FLOOR))
+
+
+def quantize_rows(w: Tensor, bits: int, cands: list[float], stat: str = "amax") -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric per-row round-to-nearest to +-(2^(bits-1)-1) levels with an fp16 scale per row. For each row the
+    candidate scale (row_scales) with the least squared reconstruction error wins; ties go to the first candidate.
+    Returns (q int8, scale fp16, index of the chosen candidate). This one function is the RTN exporter and, inside
     fake_quant, the training-time quantizer."""
     qmax = 2 ** (bits - 1) - 1
     w = w.detach().float()
-    amax = w.abs().amax(dim=1, keepdim=True)
-    c = torch.tensor(clips, dtype=torch.float32, device=w.device).view(-1, 1, 1)
-    scale = fp16_round((amax * c / qmax).clamp_min(SCALE_FLOOR))  # (C, rows, 1), exactly the fp16 that ships
+    scale = row_scales(w, bits, cands, stat)
     q = torch.clamp(torch.round(w / scale), -qmax, qmax)
-    if len(clips) == 1:
+    if len(cands) == 1:
         return q[0].to(torch.int8), scale[0, :, 0].half(), torch.zeros(w.size(0), dtype=torch.long, device=w.device)
     err = (q * scale - w).square().sum(dim=2)  # (C, rows)
     best = err.argmin(dim=0)
@@ -630,11 +665,11 @@ def quantize_rows(w: Tensor, bits: int, clips: list[float]) -> tuple[Tensor, Ten
     return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
 
 
-def fake_quant(w: Tensor, bits: int, clips: list[float], on: Tensor) -> Tensor:
+def fake_quant(w: Tensor, bits: int, spec: tuple[str, list[float]], on: Tensor) -> Tensor:
     """w + stopgrad(Q(w) - w) when `on`, else w. `on` is a tensor, so torch.compile keeps both branches in one graph
     (no recompile when it flips, nothing folded at trace time); Q is finite everywhere, so the unused branch cannot
     leak a NaN."""
-    q, s, _ = quantize_rows(w, bits, clips)
+    q, s, _ = quantize_rows(w, bits, spec[1], spec[0])
     dq = q.float() * s.float()[:, None]
     return torch.where(on, w + (dq - w).detach(), w)
 
@@ -646,23 +681,77 @@ def quant_bits(model: GPT) -> dict[str, int]:
     return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear) and m.bits < 16}
 
 
-def quant_fields(t: Tensor, bits: int, cl: list[float]) -> dict:
-    """An entry's int scheme, symbols, fp16 scales, mean chosen clip and reconstruction MSE."""
-    q, s, best = quantize_rows(t, bits, cl)
+def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax", damp: float = 0.01,
+         act_order: bool = True, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ: quantize w (rows x cols) column by column, pushing each column's rounding error onto the columns not yet
+    quantized through the Cholesky factor of H^-1, H = sum of X^T X over the layer's inputs (damped by damp * mean
+    diag H; columns in decreasing diag H order with act_order). Rows are independent given H, so every candidate
+    scale of every row (row_scales) runs at once, and per row the candidate with the least output error
+    (w - w_hat) H (w - w_hat)^T wins. Same return as quantize_rows; with H = identity it gives quantize_rows'
+    symbols exactly."""
+    qmax, (rows, cols) = 2 ** (bits - 1) - 1, w.shape
+    w = w.detach().float()
+    scale = row_scales(w, bits, cands, stat)
+    C = scale.size(0)
+    S = scale.reshape(C * rows, 1)
+    Hd = H.detach().double().clone()
+    dead = Hd.diagonal() == 0  # inputs that are always zero: their weights cannot matter
+    Hd[dead, dead] = 1.0
+    W = w.masked_fill(dead, 0.0).repeat(C, 1)
+    perm = torch.argsort(Hd.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=w.device)
+    W, Hd = W[:, perm], Hd[perm][:, perm]
+    for _ in range(4):  # a rank-deficient H (few calibration tokens) can need more damping than asked for
+        try:
+            Hp = Hd + torch.diag(torch.full_like(Hd.diagonal(), damp * float(Hd.diagonal().mean())))
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
+            break
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    else:
+        raise UserError("GPTQ: the calibration Hessian is not positive definite even with 1000x GPTQ_DAMP; raise GPTQ_DAMP")
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(W.size(0), i2 - i1, device=W.device), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = torch.clamp(torch.round(W1[:, i:i + 1] / S), -qmax, qmax)
+            Q[:, i1 + i:i1 + i + 1] = q
+            e = (W1[:, i:i + 1] - q * S) / U1[i, i]
+            W1[:, i:] -= e @ U1[i:i + 1, i:]
+            E1[:, i:i + 1] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]
+    d = w.repeat(C, 1) - Q * S
+    err = ((d @ H.float()) * d).sum(dim=1).view(C, rows)
+    best = err.argmin(dim=0)
+    pick = best.view(1, -1, 1)
+    q = Q.view(C, rows, cols).gather(0, pick.expand(1, rows, cols))[0]
+    return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
+
+
+def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None) -> dict:
+    """An entry's int scheme, symbols, fp16 scales, mean chosen scale candidate and reconstruction MSE: GPTQ when
+    QUANT_METHOD=gptq and the matrix has a Hessian (tables that are only looked up have none), else RTN."""
+    stat, cands = quant_spec(hp, bits)
+    if H is not None and hp["QUANT_METHOD"] == "gptq":
+        q, s, best = gptq(t, H, bits, cands, stat, hp["GPTQ_DAMP"])
+    else:
+        q, s, best = quantize_rows(t, bits, cands, stat)
     mse = float((q.float() * s.float()[:, None] - t.float()).square().mean())
-    return dict(scheme=f"int{bits}", q=q, scale=s, clip=float(torch.tensor(cl)[best.cpu()].mean()), mse=mse)
+    return dict(scheme=f"int{bits}", q=q, scale=s, clip=float(torch.tensor(cands)[best.cpu()].mean()), mse=mse)
 
 
-def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp) -> tuple[list[dict], dict[str, Tensor]]:
+def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp, hessians: dict | None = None
+                   ) -> tuple[list[dict], dict[str, Tensor]]:
     """Per tensor: int6/int8 rows for matrices/tables over QUANT_MIN_NUMEL values (scheme from the module), fp16 for
     smaller matrices, fp32 for vectors and controls. Returns entries (meta + arrays) and the float originals of the
     quantized tensors (for the budget fit)."""
-    cl, entries, originals = clips(hp), [], {}
+    entries, originals, hessians = [], {}, hessians or {}
     for name, t in state.items():
         t = t.detach()
         e = dict(name=name, shape=list(t.shape))
         if name in bits and t.numel() > hp["QUANT_MIN_NUMEL"]:
-            e.update(quant_fields(t, bits[name], cl))
+            e.update(quant_fields(t, bits[name], hp, hessians.get(name)))
             originals[name] = t.float()
         else:
             e.update(scheme="fp16" if t.ndim == 2 else "fp32", data=t.to(torch.float16 if t.ndim == 2 else torch.float32))
@@ -745,7 +834,7 @@ def entropy_bytes(entries: list[dict]) -> int:
     return int(total)
 
 
-def fit_budget(entries, originals, config, code_bytes: int, limit: int, log, cl: list[float]) -> bytes:
+def fit_budget(entries, originals, config, code_bytes: int, limit: int, log, hp, hessians=None) -> bytes:
     """Compress; if code + artifact exceeds the limit, zero the int6 values of magnitude 1 whose removal adds the
     least squared error, in that order, choosing the count by a few secant steps on the real compressed size; if
     zeroing all of them is not enough, move whole int6 matrices to int5 instead (fit_int5). Deterministic; raises
@@ -782,7 +871,7 @@ def fit_budget(entries, originals, config, code_bytes: int, limit: int, log, cl:
     target = limit - code_bytes
     best = build(n)
     if len(best) > target:
-        return fit_int5(entries, originals, config, code_bytes, limit, log, cl, before)
+        return fit_int5(entries, originals, config, code_bytes, limit, log, hp, hessians or {}, before)
     lo, lo_size, hi, hi_size = 0, before, n, len(best)  # lo does not fit, hi fits
     for _ in range(6):
         k = lo + int((hi - lo) * (lo_size - target) / max(1, lo_size - hi_size) * 1.02) + 1
@@ -801,15 +890,17 @@ def fit_budget(entries, originals, config, code_bytes: int, limit: int, log, cl:
     return best
 
 
-def fit_int5(entries, originals, config, code_bytes: int, limit: int, log, cl: list[float], before: int) -> bytes:
-    """Requantize int6 matrices to int5 (same clip search) in order of added squared error per byte saved (order-0
-    entropy estimate), and keep the fewest that fit, by bisection on the real compressed size (which falls with the
-    count, up to zstd noise of a few hundred bytes). Raises UserError if even all of them do not fit."""
+def fit_int5(entries, originals, config, code_bytes: int, limit: int, log, hp, hessians: dict, before: int) -> bytes:
+    """Requantize int6 matrices to int5 (same scale rule; GPTQ again, at 5 bits, where there is a Hessian) in order of
+    added squared error per byte saved (order-0 entropy estimate), and keep the fewest that fit, by bisection on the
+    real compressed size (which falls with the count, up to zstd noise of a few hundred bytes). Raises UserError if
+    even all of them do not fit."""
     cand = []
     for i, e in enumerate(entries):
         if e.get("scheme") == "int6":
-            w = originals[e["name"]].cpu()
-            e5 = dict(e, **quant_fields(w, 5, cl))
+            w = originals[e["name"]]
+            f5 = quant_fields(w, 5, hp, hessians.get(e["name"]))
+            e5 = dict(e, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in f5.items()})
             saved = max(entropy_bytes([e]) - entropy_bytes([e5]), 1)
             cand.append(((e5["mse"] - e["mse"]) * w.numel() / saved, i, e5))
     cand.sort(key=lambda c: c[:2])
@@ -945,6 +1036,12 @@ def on_rank0(fn, rank, world):
     return out
 
 
+def train_cap_ms(hp) -> float:
+    """Wall-clock end of the training loop (0 = none): the cap, less GPTQ's calibration reserve under gptq."""
+    reserve = hp["GPTQ_RESERVE_SECONDS"] if hp["QUANT_METHOD"] == "gptq" else 0.0
+    return 1000 * (hp["MAX_WALLCLOCK_SECONDS"] - reserve) if hp["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
+
+
 def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
     """1, then a linear warmdown to 0 over the last WARMDOWN_ITERS steps; with a wall-clock cap the warmdown is
     measured in time: remaining / (WARMDOWN_ITERS * mean step time)."""
@@ -952,7 +1049,7 @@ def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
     if wd <= 0:
         return 1.0
     mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
-    cap_ms = 1000 * hp["MAX_WALLCLOCK_SECONDS"]
+    cap_ms = train_cap_ms(hp)
     if cap_ms > 0 and step > 0 and elapsed_ms > 0:
         mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
     return mult
@@ -1060,7 +1157,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     log(f"model_params:{n_params}")
     result["model_params"] = n_params
     qat = hp["QAT_THRESHOLD"] > 0
-    model.set_qat(clips(hp) if qat else None, hp["QUANT_MIN_NUMEL"])
+    model.set_qat(hp if qat else None)
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
     log(f"features: attention:{attn_backend} compile:{'on' if use_compile else 'off'} xsa_layers:{xsa} "
         f"ve_layers:{model.ve_layers} rope_dims:{hp['ROPE_DIMS'] or 'all'} ln_scale:{hp['LN_SCALE']} smear_gate:{hp['SMEAR_GATE']} "
@@ -1139,7 +1236,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
         if not forecast_done and mult < 1.0:
             forecast_done = True
             forecast(hp, log, rank, world, model, ema, step)
-        done = step >= hp["ITERATIONS"] or (hp["MAX_WALLCLOCK_SECONDS"] > 0 and elapsed >= 1000 * hp["MAX_WALLCLOCK_SECONDS"])
+        done = step >= hp["ITERATIONS"] or 0 < train_cap_ms(hp) <= elapsed
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
         if step % hp["TRAIN_LOG_EVERY"] == 0 or step == 1 or done:
@@ -1160,10 +1257,17 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     log(f"train_done steps:{step} train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms"
         + (f" peak_mem_gib:{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else ""))
     result.update(steps=step, train_ms=elapsed, qat_enabled=qat_on)
-    model.set_qat(None, 0)  # pre-quant eval: the float weights, without fake-quant ops in the graph
+    model.set_qat(None)  # calibration and pre-quant eval: the float weights, without fake-quant ops in the graph
     if ema is not None:
         with torch.no_grad():
             torch._foreach_copy_(params, ema)
+    if hp["QUANT_METHOD"] == "gptq":  # inside the training budget: it reads training data
+        limit = 1000 * hp["MAX_WALLCLOCK_SECONDS"]
+        hs, batches, ms = collect_hessians(model, hp, loader, world, device, limit - elapsed if limit > 0 else 0.0)
+        log(f"gptq_calibration: batches:{batches} tokens:{batches * B} seconds:{ms / 1000:.2f} "
+            f"train_plus_calibration_ms:{elapsed + ms:.0f} limit_ms:{limit:.0f}"
+            + (" OVER: raise GPTQ_RESERVE_SECONDS" if 0 < limit < elapsed + ms else ""))
+        result.update(hessians=hs, calib_ms=ms)
     loss, bpb, _ = evaluate(eval_forward(model, use_compile), val, luts, eval_len(hp), eval_len(hp),
                             hp["EVAL_BATCH_SEQS"], rank, world, "pre-quant eval")
     log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
@@ -1175,6 +1279,63 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
 def ema_update(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * w, one fused foreach op over all tensors."""
     torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: float) -> tuple[dict, int, float]:
+    """GPTQ calibration: H = sum of X^T X over the inputs of every matrix that ships quantized (for the tied
+    embedding, the final-norm output: it is also the output layer), from up to GPTQ_CALIB_BATCHES further training
+    batches run forward through `model` (the weights that will be exported). Each rank keeps one H per local
+    micro-batch slot, sums its slots as a midpoint tree, then all ranks meet in one all-reduce: 1 and 2 ranks give
+    bit-identical H. Stops early (after at least one batch) when the next batch would pass budget_ms (0 = none).
+    Returns (H by parameter name, batches, milliseconds)."""
+    accum, L, B = hp["MICRO_BATCHES"] // world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"]
+    bits, big = quant_bits(model), lambda p: p.numel() > hp["QUANT_MIN_NUMEL"]
+    targets = {m: (f"{n}.weight", m.weight.size(1)) for n, m in model.named_modules()
+               if type(m) is QLinear and f"{n}.weight" in bits and big(m.weight)}
+    if "tok_emb.weight" in bits and big(model.tok_emb.weight):
+        targets[model.final_norm] = ("tok_emb.weight", model.tok_emb.weight.size(1))
+    H = {k: torch.zeros(accum, d, d, device=device) for k, d in targets.values()}
+    slot, last = [0], [None, None]
+
+    def add(key, x):
+        if last[0] is not x:  # q, k and v share one input: one product
+            xf = x.detach().reshape(-1, x.size(-1)).float()
+            last[0], last[1] = x, xf.T @ xf
+        H[key][slot[0]] += last[1]
+
+    hooks = [m.register_forward_pre_hook(lambda _, a, k=k: add(k, a[0])) if type(m) is QLinear else
+             m.register_forward_hook(lambda _, a, out, k=k: add(k, out)) for m, (k, _) in targets.items()]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0, batches, slowest, spent = time.perf_counter(), 0, 0.0, 0.0
+    try:
+        while batches < hp["GPTQ_CALIB_BATCHES"]:
+            t = time.perf_counter()
+            x, y = loader.next_batch(B, L)
+            for j, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+                slot[0] = j
+                with autocast(device):
+                    model(xm, ym)
+            sync()
+            batches += 1
+            times = torch.tensor([time.perf_counter() - t0, time.perf_counter() - t], device=device) * 1000
+            if world > 1:  # every rank takes the same decision
+                dist.all_reduce(times, op=dist.ReduceOp.MAX)
+            spent, slowest = times[0].item(), max(slowest, times[1].item())
+            if budget_ms > 0 and spent + slowest > budget_ms:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    tree = lambda t: t[0] if len(t) == 1 else tree(t[:len(t) // 2]) + tree(t[len(t) // 2:])
+    flat = torch.cat([tree(h).flatten() for h in H.values()])
+    if world > 1:
+        dist.all_reduce(flat)
+    out, off = {}, 0
+    for k, h in H.items():
+        out[k], off = flat[off:off + h[0].numel()].view_as(h[0]), off + h[0].numel()
+    return out, batches, spent
 
 
 def forecast(hp, log, rank, world, model, ema, step):
@@ -1193,8 +1354,10 @@ def forecast(hp, log, rank, world, model, ema, step):
 def export(hp, log, rank, world, model: GPT, code_bytes: int, path: str, result: dict):
     def go():
         t0 = time.perf_counter()
-        entries, originals = quantize_state(model.state_dict(), quant_bits(model), hp)
-        blob = fit_budget(entries, originals, model.hp, code_bytes, hp["SIZE_LIMIT_BYTES"], log, clips(hp))
+        hs = result.get("hessians")
+        entries, originals = quantize_state(model.state_dict(), quant_bits(model), hp, hs)
+        log(f"quantized: method:{hp['QUANT_METHOD']} scale:{hp['QUANT_SCALE']} seconds:{time.perf_counter() - t0:.1f}")
+        blob = fit_budget(entries, originals, model.hp, code_bytes, hp["SIZE_LIMIT_BYTES"], log, hp, hs)
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -1,4 +1,5 @@
-"""Runs train_gpt.main() (plain or under torchrun) and saves each rank's final weights, for the equivalence test."""
+"""Runs train_gpt.main() (plain or under torchrun) and saves each rank's final weights and GPTQ Hessians, for the
+equivalence test."""
 import os
 import sys
 
@@ -9,4 +10,6 @@ import train_gpt  # noqa: E402
 
 result = train_gpt.main()
 rank = int(os.environ.get("RANK", "0"))
-torch.save({k: v.cpu() for k, v in result["model"].state_dict().items()}, os.path.join(os.environ["LOG_DIR"], f"weights_rank{rank}.pt"))
+out = os.environ["LOG_DIR"]
+torch.save({k: v.cpu() for k, v in result["model"].state_dict().items()}, os.path.join(out, f"weights_rank{rank}.pt"))
+torch.save({k: v.cpu() for k, v in result.get("hessians", {}).items()}, os.path.join(out, f"hessians_rank{rank}.pt"))

@@ -33,8 +33,10 @@ def test_smoke_prints_every_final_line_once(smoke):
 def test_two_processes_match_one(sample_data, tmp_path):
     """Same global batch on 1 and 2 gloo ranks. With one thread per process (as torchrun sets) every micro-batch runs
     the same kernels, g1/2 + g2/2 == (g1 + g2)/2 exactly, and the Muon all-reduce adds only zeros to each slot, so
-    the weights must be bit-identical: any slip in the distributed optimizer or loader shows."""
-    env = dict(ITERATIONS=12, WARMDOWN_ITERS=6, EVAL_STRIDE=0, VAL_MAX_TOKENS=16384, EMA_DECAY=0.8, OMP_NUM_THREADS=1)
+    the weights must be bit-identical: any slip in the distributed optimizer or loader shows. GPTQ's Hessians (one
+    per micro-batch slot, a midpoint tree, one all-reduce) and so the artifacts must be bit-identical too."""
+    env = dict(ITERATIONS=12, WARMDOWN_ITERS=6, EVAL_STRIDE=0, VAL_MAX_TOKENS=16384, EMA_DECAY=0.8, OMP_NUM_THREADS=1,
+               QUANT_METHOD="gptq", GPTQ_CALIB_BATCHES=3)
     one, two = tmp_path / "one", tmp_path / "two"
     rc1, _, err1, log1 = run_script(env | {"LOG_DIR": one}, one, script="tests/dist_worker.py")
     rc2, _, err2, log2 = run_script(env | {"LOG_DIR": two}, two, nproc=2, script="tests/dist_worker.py")
@@ -45,7 +47,13 @@ def test_two_processes_match_one(sample_data, tmp_path):
     for k in w1:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
         assert torch.equal(r0[k], w1[k]), f"1 vs 2 processes differ on {k}: {(r0[k] - w1[k]).abs().max():.3g}"
-    assert abs(metric(log1, "final_roundtrip_exact") - metric(log2, "final_roundtrip_exact")) < 1e-3
+    h1 = torch.load(one / "hessians_rank0.pt")
+    h20, h21 = torch.load(two / "hessians_rank0.pt"), torch.load(two / "hessians_rank1.pt")
+    assert h1 and h1.keys() == h20.keys() == h21.keys()
+    for k in h1:
+        assert torch.equal(h20[k], h21[k]) and torch.equal(h20[k], h1[k]), f"Hessian {k} differs"
+    assert (one / "run.ptz").read_bytes() == (two / "run.ptz").read_bytes(), "artifacts differ"
+    assert metric(log1, "final_roundtrip_exact") == metric(log2, "final_roundtrip_exact")
 
 
 # ---------------------------------------------------------------- artifact
@@ -167,6 +175,10 @@ BAD = {
     "unwritable log dir": (lambda t, d: {"LOG_DIR": t / "file" / "sub"}, "file"),
     "malformed value": (lambda t, d: {"NUM_LAYERS": "four"}, "NUM_LAYERS='four' is not a valid int"),
     "unknown preset": (lambda t, d: {"PRESET": "fast"}, "PRESET='fast' is unknown"),
+    "unknown quantizer": (lambda t, d: {"QUANT_METHOD": "awq"}, "QUANT_METHOD='awq' must be rtn or gptq"),
+    "unknown scale rule": (lambda t, d: {"QUANT_SCALE": "mse"}, "QUANT_SCALE='mse' must be search or sdclip"),
+    "reserve fills the cap": (lambda t, d: {"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": 5, "GPTQ_RESERVE_SECONDS": 5},
+                              "GPTQ_RESERVE_SECONDS=5.0 leaves no training time under MAX_WALLCLOCK_SECONDS=5.0"),
 }
 
 

@@ -27,7 +27,7 @@ def randomized(model):
 def quantized_copy(model, hp):
     """An uncompiled copy whose exported matrices hold Q(w): what the artifact will contain."""
     ref = copy.deepcopy(model)
-    ref.set_qat(None, 0)
+    ref.set_qat(None)
     entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
     deq = T.dequantize(entries)
     with torch.no_grad():
@@ -41,9 +41,9 @@ def test_qat_switch_under_torch_compile_takes_effect_without_recompiling():
     torch._dynamo.reset()
     hp = small_hp()
     model = randomized(T.GPT(hp))
-    model.set_qat(T.clips(hp), hp["QUANT_MIN_NUMEL"])
+    model.set_qat(hp)
     float_ref, quant_ref = copy.deepcopy(model), quantized_copy(model, hp)
-    float_ref.set_qat(None, 0)
+    float_ref.set_qat(None)
     frames = {"n": 0}
 
     def counting_backend(gm, example_inputs):
@@ -70,7 +70,7 @@ def test_qat_switch_under_torch_compile_takes_effect_without_recompiling():
 def test_fake_quant_gradient_is_straight_through():
     w = torch.randn(8, 32, requires_grad=True)
     on = torch.tensor(True)
-    out = T.fake_quant(w, 6, [1.0, 0.9], on)
+    out = T.fake_quant(w, 6, ("amax", [1.0, 0.9]), on)
     out.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
     q, s, _ = T.quantize_rows(w, 6, [1.0, 0.9])
@@ -81,7 +81,7 @@ def test_zero_row_stays_finite_in_qat_and_export():
     w = torch.zeros(4, 16)
     w[1] = torch.randn(16)
     for on in (True, False):
-        assert torch.isfinite(T.fake_quant(w, 6, [1.0, 0.95], torch.tensor(on))).all()
+        assert torch.isfinite(T.fake_quant(w, 6, ("amax", [1.0, 0.95]), torch.tensor(on))).all()
     q, s, _ = T.quantize_rows(w, 6, [1.0])
     assert (q[0] == 0).all() and s[0] > 0 and torch.isfinite(s.float()).all()
 
@@ -112,7 +112,7 @@ def test_qat_from_start_matches_roundtrip(sample_data, monkeypatch, tmp_path):
     assert r["qat_enabled"]
     hp = T.parse_hparams()
     model = r["model"]
-    model.set_qat(T.clips(hp), hp["QUANT_MIN_NUMEL"])
+    model.set_qat(hp)
     model.qat_switch(True)
     val, _ = T.load_validation(hp)
     luts = T.byte_luts(hp, torch.device("cpu"))
@@ -158,7 +158,7 @@ def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
     assert floor5 < floor_ones < natural
     limit = (floor5 + floor_ones) // 2 + 100  # 100 code bytes
     lines = []
-    blob = T.fit_budget(entries, originals, cfg, 100, limit, lines.append, cl)
+    blob = T.fit_budget(entries, originals, cfg, 100, limit, lines.append, hp)
     assert len(blob) + 100 <= limit
     assert len(lines) == 1 and lines[0].startswith("budget_fit: moved ") and "to int5" in lines[0], lines
     moved = lines[0].split(" bytes_before:")[0].split()[-1].split(",")
@@ -178,17 +178,17 @@ def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
     fewer = [dict(e, q=int5[e["name"]][0], scale=int5[e["name"]][1]) if e["name"] in order[:len(moved) - 1] else e
              for e in entries]
     assert len(T.pack_artifact(fewer, cfg)) + 100 > limit, "one matrix fewer must not fit (the fewest are moved)"
-    assert blob == T.fit_budget(entries, originals, cfg, 100, limit, lambda m: None, cl), "deterministic"
+    assert blob == T.fit_budget(entries, originals, cfg, 100, limit, lambda m: None, hp), "deterministic"
     with pytest.raises(T.UserError, match=r"even with all \d+ int6 matrices in int5"):
-        T.fit_budget(entries, originals, cfg, 100, floor5 - 1000, lambda m: None, cl)
+        T.fit_budget(entries, originals, cfg, 100, floor5 - 1000, lambda m: None, hp)
 
 
 @pytest.mark.parametrize("fp16", [0, 1])
 def test_embed_fp16_ships_the_tied_embedding_unrounded_and_leaves_it_out_of_qat(fp16, tmp_path):
     hp = small_hp(EMBED_FP16=fp16)
     model = randomized(T.GPT(hp))
-    model.set_qat(T.clips(hp), hp["QUANT_MIN_NUMEL"])
-    assert (model.tok_emb.clips is None) == bool(fp16) and model.ve.clips is not None
+    model.set_qat(hp)
+    assert (model.tok_emb.qspec is None) == bool(fp16) and model.ve.qspec is not None
     entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
     e = next(e for e in entries if e["name"] == "tok_emb.weight")
     w = model.tok_emb.weight.detach()
@@ -212,5 +212,5 @@ def test_compiled_fake_quant_equals_eager_bit_for_bit():
     torch._dynamo.reset()
     w = torch.randn(96, 64) * 0.05
     on = torch.tensor(True)
-    f = torch.compile(lambda w: T.fake_quant(w, 6, [1.0, 0.95, 0.9], on), dynamic=False)
-    assert torch.equal(f(w), T.fake_quant(w, 6, [1.0, 0.95, 0.9], on))
+    f = torch.compile(lambda w: T.fake_quant(w, 6, ("amax", [1.0, 0.95, 0.9]), on), dynamic=False)
+    assert torch.equal(f(w), T.fake_quant(w, 6, ("amax", [1.0, 0.95, 0.9]), on))
