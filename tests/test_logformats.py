@@ -1,5 +1,5 @@
 """The tools on every log format of the public records (tests/fixtures/logs/: synthetic logs, written for these tests,
-in the shapes of four eras of openai/parameter-golf records): the parser's facts, check_record's rules as reviewers
+in the shapes of the eras of openai/parameter-golf records): the parser's facts, check_record's rules as reviewers
 apply them (each former false alarm now passes, each missed problem now fails), significance and plot_log."""
 import json
 import re
@@ -122,6 +122,43 @@ def test_gpu_check_reads_through_the_shared_parser():
     assert p["steps"][0]["train_ms"] == 60000.0  # "1.0m"
 
 
+def test_terse_log_with_only_a_budget_line():
+    """era5 (terse non-record shape): `step:N/T loss: t: avg:` lines, a `key=value` hyperparameter line, no artifact size
+    in bytes but `budget:TOTAL/LIMIT ... FITS` and `code:N`: the artifact is the total less the code."""
+    lg = Log(str(FIX / "era5_terse_binary.log"))
+    assert (lg.metric_name, lg.metric_kind, lg.val_loss, lg.val_bpb, lg.seed) == ("final_sliding", "sliding", 2.95, 1.14, 7)
+    assert (lg.train_ms, lg.steps, lg.logged_total, lg.logged_code_bytes, lg.artifact_bytes) == (900200, 6000, 15261000, 61000, 15200000)
+    assert lg.artifact_derived and lg.eval_seconds == 512 and lg.score("roundtrip")["val_bpb"] == 1.165 and not lg.over_lines
+    assert len(lg.train) == 12 and lg.train[0] == dict(step=500, total=6000.0, time_ms=75000.0, loss=3.85, step_avg_ms=150.0, lr_mult=None)
+    assert [p["step"] for p in lg.val] == [6000]
+
+
+@pytest.mark.parametrize("announce, kind", [("final_eval_mode:sliding_window stride:64 batch_seqs:32", "sliding"),
+                                            ("Compiling forward_logits for sliding window eval (stride=64, seq_len=1024)...", "sliding"),
+                                            ("final_eval_mode:standard", "roundtrip"), (None, "roundtrip")])
+def test_roundtrip_named_score_of_an_announced_sliding_evaluation(tmp_path, announce, kind):
+    """Some upstream scripts print their sliding-window final evaluation under the round-trip line's name, announcing it
+    on the line before: the kind follows the announcement (the score itself is the same either way)."""
+    p = tmp_path / "x.log"
+    p.write_text("step:100/100 val_loss:2.0000 val_bpb:1.2000 train_time:1000ms step_avg:10.00ms\n" + (announce + "\n" if announce else "")
+                 + "final_int8_zlib_roundtrip val_loss:1.9300 val_bpb:1.1430 eval_time:168000ms\n"
+                 "final_int8_zlib_roundtrip_exact val_loss:1.93000000 val_bpb:1.14300000\n")
+    lg = Log(str(p))
+    assert (lg.metric_name, lg.metric_kind, lg.val_bpb, lg.eval_seconds) == ("final_int8_zlib_roundtrip_exact", kind, 1.143, 168)
+
+
+def test_settings_printed_before_the_score_are_not_part_of_its_name(tmp_path):
+    """`final_sliding_window_eval stride:64 val_loss:...`: the name is final_sliding_window_eval, so the `_exact` line finds
+    its rounded twin and takes its eval_time (it was "not logged" before)."""
+    p = tmp_path / "x.log"
+    p.write_text("final_int6_roundtrip val_loss:2.0077 val_bpb:1.1891 eval_time:1553ms\n"
+                 "final_sliding_window_eval stride:64 val_loss:1.9511 val_bpb:1.1556 eval_time:75096ms\n"
+                 "final_sliding_window_eval_exact stride:64 val_loss:1.95110000 val_bpb:1.15550000\n")
+    lg = Log(str(p))
+    assert (lg.metric_name, lg.metric_kind, lg.val_bpb) == ("final_sliding_window_eval_exact", "sliding", 1.1555)
+    assert lg.eval_seconds == pytest.approx(75.096)
+
+
 # ----------------------------------------------------------------------------- check_record: former false alarms
 @pytest.mark.parametrize("era", ERAS)
 def test_every_era_passes_check_record(tmp_path, era):
@@ -174,6 +211,21 @@ def test_script_under_another_name(tmp_path):
     f = failed(folder)
     assert "missing train_gpt.py" in f["files"] and "size" not in f
     assert "logged code (no script) 17,500" in rules(folder)[0]["size"][1]
+
+
+def test_terse_non_record_folder_with_its_own_json_and_script_names(tmp_path):
+    """A non-record folder as one public record ships it: submission_binary.json, train_gpt_binary.py, binary_log.txt."""
+    folder = make_folder(tmp_path, "era5_terse_binary", seeds=((7, 0.0),), track="track_non_record_16mb")
+    (folder / "submission.json").rename(folder / "submission_binary.json")
+    (folder / "train_gpt.py").rename(folder / "train_gpt_binary.py")
+    (folder / "train_seed7.log").rename(folder / "binary_log.txt")
+    r, notes = rules(folder)
+    assert all(ok for ok, _ in r.values()), r
+    assert "submission_binary.json train_gpt_binary.py + 1 log(s)" in r["files"][1]
+    assert "largest total 15,261,000 = code 61,000 + artifact 15,200,000" in r["size"][1]
+    assert "the submission metadata is submission_binary.json (not submission.json)" in notes
+    (folder / "submission_other.json").write_text("{}")  # two candidates: none is taken
+    assert "missing submission.json" in failed(folder)["files"]
 
 
 # ----------------------------------------------------------------------------- check_record: problems it now catches

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Check a record folder against every rule a reviewer checks; one line per rule, PASS or FAIL.
 
-Rules: the required files (README.md, submission.json, the training script, at least one training log); the folder
+Rules: the required files (README.md, submission.json or the only submission*.json, the training script, at least one
+training log); the folder
 name (YYYY-MM-DD_Name) and track; submission.json parses, has author, github_id, name and val_bpb (what the upstream README
 requires), and blurb, date, val_loss, bytes_total, bytes_code (or `code_bytes`, as some records spell it) well-typed
 where present; every log finished with a final score; the shipped script
@@ -69,6 +70,17 @@ def find_script(folder: str, logged_sizes: set[int]) -> tuple[str | None, str]:
     return pick, (f"the script is {os.path.basename(pick)} (not train_gpt.py)" if pick else "")
 
 
+def find_submission(folder: str) -> tuple[str | None, str]:
+    """submission.json, else the only submission*.json (a record that named it e.g. submission_binary.json) -> (path, note)."""
+    p = os.path.join(folder, "submission.json")
+    if os.path.isfile(p):
+        return p, ""
+    alt = sorted(glob.glob(os.path.join(folder, "submission*.json")))
+    if len(alt) == 1:
+        return alt[0], f"the submission metadata is {os.path.basename(alt[0])} (not submission.json)"
+    return None, ""
+
+
 def _close(json_value, actual) -> bool:
     """Equal within the precision the JSON number was written with (plus float noise); integers exactly."""
     if actual is None or isinstance(json_value, bool) or not isinstance(json_value, decimal.Decimal | int):
@@ -124,14 +136,18 @@ def check(folder: str, track: str | None = None, name: str | None = None, previo
     script_path, script_note = find_script(folder, {lg.logged_code_bytes for lg in logs if lg.logged_code_bytes})
     if script_note:
         notes.append(script_note)
-    missing = [f for f in ("README.md", "submission.json") if not os.path.isfile(p(f))] + ([] if script_path else ["train_gpt.py"])
+    sub_path, sub_note = find_submission(folder)
+    if sub_note:
+        notes.append(sub_note)
+    missing = (["README.md"] if not os.path.isfile(p("README.md")) else []) + ([] if sub_path else ["submission.json"]) + (
+        [] if script_path else ["train_gpt.py"])
     rule(not missing and paths, "files", f"missing {', '.join(missing + ([] if paths else ['training log']))}" if missing or not paths
-         else f"README.md submission.json {os.path.basename(script_path)} + {len(paths)} log(s)")
+         else f"README.md {os.path.basename(sub_path)} {os.path.basename(script_path)} + {len(paths)} log(s)")
 
     sub, raw_sub = None, None
-    if os.path.isfile(p("submission.json")):
+    if sub_path:
         try:
-            with open(p("submission.json"), encoding="utf-8") as f:
+            with open(sub_path, encoding="utf-8") as f:
                 raw_sub = json.load(f, parse_float=decimal.Decimal)
             sub = json.loads(json.dumps(raw_sub, default=float)) if isinstance(raw_sub, dict) else None
             if sub is None:

@@ -43,6 +43,8 @@ _INDENTED = re.compile(r"\s+([A-Za-z_]\w*): ?(.*)")
 _NUM = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _STEP = re.compile(r"(?:step:\s?)?(\d+)/(\d+)(?=\s|$)")
 _SCORE = re.compile(r"(?:^|\s)val_loss:\s?(\S+)\s.*?\bval_bpb:\s?(\S+)")
+# upstream scripts that reuse the round-trip line's name for a sliding-window final evaluation announce it first
+_SLIDING_MODE = re.compile(r"^final_eval_mode:\s*sliding|sliding[ _-]window eval", re.I)
 _SMI_GPU = re.compile(r"^\|\s+\d+\s+((?:NVIDIA|Tesla)\b.*?)\s+(?:On|Off)\s+\|")
 _OVER = re.compile(r"(?i:size|bytes|limit).*\bOVER\b")
 
@@ -146,7 +148,7 @@ class Log:
         self.artifact_bytes = self.logged_total = self.logged_code_bytes = self.total_eval_ms = None
         self.code_sizes, self.over_lines, self.gpus = {}, [], []
         self.train_done = {}
-        in_hp = indented = False
+        in_hp = indented = sliding_mode = False
         for line in lines:
             line = line.rstrip("\r\n")
             if in_hp:
@@ -162,6 +164,8 @@ class Log:
                 self.last[key] = t
             score = _SCORE.search(line)
             step = _STEP.match(head if head != "step:" else line)
+            if _SLIDING_MODE.search(line) and not score:
+                sliding_mode = True  # a final evaluation announced as sliding, its score line keeping a round-trip name
             if line.startswith("run_id:") and not self.hparams and self.run_id is None:
                 self.run_id, in_hp, indented = line[7:].strip(), True, False
             elif line.strip() == "Hyperparameters:" and not self.hparams:
@@ -172,7 +176,9 @@ class Log:
                     self.versions["device"] = m.group(1)
             elif line.startswith("error: "):
                 self.errors.append(line[7:])
-            elif step and ("train_loss" in t or "val_bpb" in t):
+            elif step and ("train_loss" in t or "val_bpb" in t or ("loss" in t and "t" in t)):
+                if "train_loss" not in t and "val_bpb" not in t:  # terse step lines: `step:500/50000 loss:3.68 t:77540ms avg:155.1ms`
+                    t = dict(t, train_loss=t["loss"], train_time=t["t"], **({"step_avg": t["avg"]} if "avg" in t else {}))
                 p = dict(step=int(step.group(1)), total=float(step.group(2)), time_ms=ms(t["train_time"]) if "train_time" in t else None)
                 if "train_loss" in t:
                     self.train.append(dict(p, loss=num(t["train_loss"]), step_avg_ms=ms(t["step_avg"]) if "step_avg" in t else None,
@@ -180,15 +186,22 @@ class Log:
                 if "val_bpb" in t:
                     self.val.append(dict(p, loss=num(t.get("val_loss")), bpb=num(t["val_bpb"])))
             elif score and num(score.group(1)) is not None and num(score.group(2)) is not None:
-                name = line[:score.start()].strip() or "val"
+                # the line's name, without `key:value` settings printed before the score (`..._eval_exact stride:64 val_loss:`)
+                name = re.sub(r"(?:\s+[A-Za-z_]\w*[:=]\S*)+$", "", line[:score.start()].strip()) or "val"
                 self.finals[name] = dict(t, _line=line)
-                self.scores.append(dict(name=name, kind=score_kind(name), val_loss=num(score.group(1)), val_bpb=num(score.group(2)),
+                kind = score_kind(name)
+                kind = "sliding" if kind == "roundtrip" and sliding_mode else kind
+                self.scores.append(dict(name=name, kind=kind, val_loss=num(score.group(1)), val_bpb=num(score.group(2)),
                                         eval_ms=ms(t["eval_time"]) if "eval_time" in t else (
                                             1000 * num(t["eval_seconds"]) if "eval_seconds" in t else None), line=line))
             elif head in ("train_done", "stopping_early:"):
                 self.train_done = t
             elif head == "artifact:" and (m := re.search(r"\bbytes=(\d+)", line)):
                 self.artifact_bytes = int(m.group(1))
+            elif head.startswith("artifact:") and (m := re.search(r"\bcode:(\d+)\b", line)):
+                self.code_sizes["plain"] = int(m.group(1))  # `artifact:15.60MB binary:... fp:... code:N` (size in MB only)
+            elif m := re.match(r"budget:(\d+)/(\d+)\b", line):
+                self.logged_total = int(m.group(1))  # `budget:TOTAL/LIMIT (...) FITS`
             elif m := re.match(r"Serialized model[^:]*: (\d+) bytes", line):
                 self.artifact_bytes = int(m.group(1))  # the last one is the compressed model
             elif m := re.match(r"(?:total_submission_bytes:|Total submission size[^:]*: ?)(\d+)", line):
@@ -214,6 +227,10 @@ class Log:
             self.logged_code_bytes = self.code_sizes.get("compressed", self.code_sizes.get("plain", max(self.code_sizes.values())))
         else:
             self.logged_code_bytes = self.declared.get("code_bytes")
+        self.artifact_derived = False
+        if self.artifact_bytes is None and self.logged_total and self.logged_code_bytes:
+            # a log that prints only the total and the code size (`budget:TOTAL/LIMIT`, `code:N`): the artifact is the rest
+            self.artifact_bytes, self.artifact_derived = self.logged_total - self.logged_code_bytes, True
 
     # ------------------------------------------------------------------ derived facts
     @property
