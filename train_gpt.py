@@ -92,8 +92,8 @@ HPARAMS = [
     ("GRAD_CLIP_NORM", 0.3, "clip the global gradient norm (0 = off)"),
     ("EMA_DECAY", 0.997, "exponential moving average of the weights, evaluated and exported (0 = off)"),
     # quantization and artifact
-    ("QAT_THRESHOLD", 0.15, "late QAT: fake-quantize once the LR multiplier drops below this (0 = never, 1 = always)"),
-    ("QUANT_METHOD", "rtn", "rtn: round each weight to nearest; gptq: round column by column, pushing each error onto later columns through the input Hessian"),
+    ("QAT_THRESHOLD", 0.0, "late QAT (helps rtn without EMA): fake-quantize once the LR multiplier drops below this (0 = never, 1 = always)"),
+    ("QUANT_METHOD", "gptq", "gptq: round column by column, pushing each error onto later columns through the input Hessian; rtn: round to nearest"),
     ("QUANT_SCALE", "search", "per-row scales: search (QUANT_CLIPS candidates, least error wins) or sdclip (SDCLIP_K * row std)"),
     ("QUANT_CLIPS", "1.0,0.98,0.96,0.93,0.9", "per-row clip candidates (fractions of the row max); least error (H-weighted under gptq) wins"),
     ("SDCLIP_K", 12.85, "sdclip: int5/int6 scale = k * std(row) / qmax; larger k, fewer levels, smaller artifact"),
@@ -119,7 +119,7 @@ PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
     "baseline": dict(NUM_LAYERS=9, MLP_MULT=2, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288, ROPE_DIMS=0, XSA_LAST_N=0,
                      LN_SCALE=0, SMEAR_GATE=0, BIGRAM_VOCAB_SIZE=0, VE_LAYERS="", MATRIX_LR=0.04, EMBED_LR=0.05,
                      SCALAR_LR=0.04, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500,
-                     MUON_WD=0.0, ADAM_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_DECAY=0.0, QAT_THRESHOLD=0.0, QUANT_CLIPS="1.0",
+                     MUON_WD=0.0, ADAM_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_DECAY=0.0, QUANT_METHOD="rtn", QUANT_CLIPS="1.0",
                      WARMDOWN_ITERS=1200, EVAL_STRIDE=0),
 }
 SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_sample.py), seconds end to end
@@ -127,7 +127,7 @@ SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_
     NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096,
     MICRO_BATCHES=2, ITERATIONS=40, WARMUP_STEPS=2, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0.0, TRAIN_LOG_EVERY=10,
     MUON_MOMENTUM_WARMUP_STEPS=20, EMA_DECAY=0.9, QUANT_MIN_NUMEL=4096, VAL_MAX_TOKENS=32768, BIGRAM_VOCAB_SIZE=512,
-    BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, SIZE_LIMIT_BYTES=16000000,
+    BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, SIZE_LIMIT_BYTES=16000000, GPTQ_CALIB_BATCHES=4,
 )
 
 
@@ -508,11 +508,12 @@ class GPT(nn.Module):
     def set_qat(self, hp: dict | None) -> None:
         """Put the exporter's round-to-nearest quantizer (quant_spec: same scales) into the forward pass of every
         matrix that ships quantized, gated by each module's `qat` buffer (off until qat_switch). None removes it.
-        Measured choices (README, CPU proxy): the exporter's exact clip search, not plain row-max, because with
-        row-max in training and export the round-trip penalty was +0.00049 bpb against +0.00035, and compiled its
-        cost is within step-time noise; the live weights, because only they get gradients. The exported EMA
-        averages QAT-trained weights: its penalty ranged from -0.0001 to +0.0011 in the proxy (+0.0004 to +0.0006
-        without EMA), so how well QAT carries over to the EMA is for a full-scale run to show."""
+        Measured choices (README, CPU proxy): the exporter's exact clip search, not plain row-max (penalty +0.00049
+        bpb against +0.00035 with row-max in training and export; compiled, its cost is within step-time noise); the
+        live weights, because only they get gradients. Off by default (QAT_THRESHOLD=0): the exported weights are
+        their EMA, which QAT never saw, and with the default EMA late QAT made the round trip worse in all four proxy
+        runs (2 seeds x RTN/GPTQ, +0.00008 to +0.00023); without EMA it helps RTN (-0.00035) but hurts GPTQ (+0.00029):
+        GPTQ on QAT-trained weights undoes what QAT taught them. GPTQ is fitted to the weights that ship instead."""
         for m in self.modules():
             if isinstance(m, QLinear):
                 ships = hp is not None and m.bits < 16 and m.weight.numel() > hp["QUANT_MIN_NUMEL"]
@@ -1301,7 +1302,8 @@ def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: floa
     def add(key, x):
         if last[0] is not x:  # q, k and v share one input: one product
             xf = x.detach().reshape(-1, x.size(-1)).float()
-            last[0], last[1] = x, xf.T @ xf
+            with torch.autocast(xf.device.type, enabled=False):  # an fp32 product, not autocast's bf16
+                last[0], last[1] = x, xf.T @ xf
         H[key][slot[0]] += last[1]
 
     hooks = [m.register_forward_pre_hook(lambda _, a, k=k: add(k, a[0])) if type(m) is QLinear else

@@ -60,13 +60,12 @@ def test_dry_run_summary(dry):
         assert is_finite(r["roundtrip"]["tokens_per_s_incl_compile"]) and is_finite(r["pre_quant"]["tokens_per_s_incl_compile"])
         assert all(v in (True, None) for v in r["checks"].values()), r["checks"]
         assert (out / f"{name}.txt").exists() and (out / f"{name}.console.txt").exists()
-    # late QAT switched on mid-run in the record run (and the baseline has none)
-    q = s["runs"]["record"]["qat"]
-    assert q["enabled"] and 1 < q["step"] < s["runs"]["record"]["train"]["steps"]
-    assert 0 < q["fraction_of_steps"] < 1 and is_finite(q["step_ms_before"]) and is_finite(q["step_ms_after"])
-    assert "late_qat:enabled" in (out / "record.txt").read_text()
-    assert s["runs"]["baseline"]["qat"]["enabled"] is False
-    assert s["checks"]["record.qat_enabled"] is True and s["checks"]["record.qat_switched_mid_run"] is True
+    # the default record recipe: GPTQ calibrated inside the cap, no late QAT; the baseline has neither
+    g = s["runs"]["record"]["gptq"]
+    assert g["batches"] >= 1 and g["train_plus_calibration_ms"] <= g["limit_ms"] and is_finite(g["quantize_seconds"])
+    assert s["checks"]["record.gptq_calibrated_inside_cap"] is True and s["runs"]["baseline"]["gptq"] is None
+    assert s["runs"]["record"]["qat"]["enabled"] is False and s["runs"]["baseline"]["qat"]["enabled"] is False
+    assert s["checks"]["record.qat_enabled"] is None and s["checks"]["record.qat_switched_mid_run"] is None
     assert s["checks"]["record.size_line_ok"] is True and s["checks"]["record.compiled"] is None
     # sliding eval ran and the extrapolation is there and finite
     sl = s["runs"]["record"]["sliding"]
@@ -88,7 +87,7 @@ def test_dry_run_summary(dry):
 # ---------------------------------------------------------------- parsing and checks of a CUDA-style run
 def cuda_log(recompile_in_training=False):
     """Lines as train_gpt.py prints them on one GPU (arrival time, text), with TORCH_LOGS lines mixed in."""
-    hp = [f"{k.lower()}:{v}" for k, v, _ in __import__("train_gpt").HPARAMS]
+    hp = [f"{k.lower()}:{0.15 if k == 'QAT_THRESHOLD' else v}" for k, v, _ in __import__("train_gpt").HPARAMS]  # GPTQ + QAT
     lines = ["python:3.12.3 torch:2.11.0+cu130 numpy:2.5.2 device:NVIDIA H200 world_size:1 cuda:13.0", "run_id:record",
              *hp, "model_params:26993755",
              "features: attention:sdpa compile:on xsa_layers:[7, 8, 9, 10] ve_layers:[9, 10] rope_dims:16 ema:0.997 "
@@ -107,7 +106,9 @@ def cuda_log(recompile_in_training=False):
     lines += [f"step:{s}/20000 train_loss:4.0 train_time:{700 + (s - 1) * 600 + (s - 100) * 60}ms step_avg:610.00ms "
               f"lr_mult:0.1" for s in range(110, 141, 10)]
     lines += ["train_done steps:140 train_time:86500ms step_avg:617.86ms peak_mem_gib:22.50",
+              "gptq_calibration: batches:16 tokens:12582912 seconds:1.84 train_plus_calibration_ms:88340 limit_ms:90000",
               "pre_quant_exact val_loss:4.00000000 val_bpb:2.40000000",
+              "quantized: method:gptq scale:search seconds:3.2",
               "artifact: path=/tmp/x/record.ptz bytes=18000000 export_seconds:21.5",
               "code_bytes:60000", "total_submission_bytes:18060000 limit:24000000 ok",
               "V1129 torch/_dynamo/guards.py:5396] [1/1] [__recompiles] Recompiling function <lambda> in train_gpt.py:2",
@@ -138,6 +139,8 @@ def test_cuda_style_log_is_parsed_and_checked(recompile):
         assert "qat" in tl["recompile_reasons"][0]
     c = r["checks"]
     assert c["compiled"] and c["peak_memory_reported"] and c["full_size_record_config"] and c["qat_switched_mid_run"]
+    assert r["gptq"] == dict(batches=16, tokens=12582912, seconds=1.84, train_plus_calibration_ms=88340, limit_ms=90000,
+                             quantize_seconds=3.2) and c["gptq_calibrated_inside_cap"] is True
     assert c["no_recompile_during_training"] is (not recompile)
     e = G.extrapolate("record", r)
     assert e["step_ms_8gpu_compute_only"] == round(617.86 / 8, 2)
@@ -155,7 +158,7 @@ def test_gpu_plan_puts_late_qat_near_the_end():
     args = type("A", (), dict(seconds=60.0, val_tokens_used=524288, size_limit=24_000_000, compile=False))()
     data = dict(path="/d", tokenizer="/t.model", vocab=1024)
     hp_defaults = {k: v for k, v, _ in T.HPARAMS}
-    env, plan = G.preset_env("record", args, data, False, hp_defaults, {})
+    env, plan = G.preset_env("record", args, data, False, hp_defaults, {"QAT_THRESHOLD": "0.15"})
     assert "SMOKE" not in env and env["PRESET"] == "record" and env["MAX_WALLCLOCK_SECONDS"] == "60.0"
     assert int(env["WARMDOWN_ITERS"]) == plan["warmdown_iters"] == math.ceil(0.3 * (60_000 // 650) / 0.15)
     hp = T.parse_hparams({k: v for k, v in env.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")})
@@ -252,7 +255,7 @@ def test_gpu_mode_flow_with_the_cuda_probe_faked(sample_data, tmp_path, monkeypa
     data_path, tok = sample_data
     tiny = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=1024,
                 MICRO_BATCHES=2, WARMUP_STEPS=2, ITERATIONS=12, QUANT_MIN_NUMEL=4096, BIGRAM_VOCAB_SIZE=512, BIGRAM_DIM=32,
-                VE_DIM=32, EVAL_STRIDE=64, EVAL_BATCH_SEQS=16)
+                VE_DIM=32, EVAL_STRIDE=64, EVAL_BATCH_SEQS=16, QAT_THRESHOLD=0.15, GPTQ_CALIB_BATCHES=2)
     argv = ["--presets", "record", "--seconds", "30", "--val-tokens", "4096", "--data", str(data_path), "--tokenizer",
             str(tok), "--out", str(tmp_path)] + [a for k, v in tiny.items() for a in ("--env", f"{k}={v}")]
     assert G.main(argv) == 1

@@ -198,17 +198,20 @@ def test_bad_input_gives_one_line_error(case, sample_data, tmp_path):
 
 
 def test_wall_clock_cap_stops_training_and_warms_down():
-    hp = T.parse_hparams({"MAX_WALLCLOCK_SECONDS": "10", "WARMDOWN_ITERS": "100", "ITERATIONS": "20000"})
+    hp = T.parse_hparams({"MAX_WALLCLOCK_SECONDS": "10", "WARMDOWN_ITERS": "100", "ITERATIONS": "20000", "QUANT_METHOD": "rtn"})
     assert T.lr_multiplier(hp, 0, 0.0) == 1.0
     assert T.lr_multiplier(hp, 1, 0.0) == 1.0  # no time measured yet: no division by zero
     assert abs(T.lr_multiplier(hp, 10, 1000.0) - 0.9) < 1e-9  # 100 ms/step x 100 warmdown steps = 10 s; 9 s left
     assert abs(T.lr_multiplier(hp, 50, 5000.0) - 0.5) < 1e-9
     assert T.lr_multiplier(hp, 100, 10000.0) == 0.0
+    gptq = dict(hp, QUANT_METHOD="gptq", GPTQ_RESERVE_SECONDS=4.0)  # the loop ends 4 s early: the warmdown with it
+    assert T.train_cap_ms(gptq) == 6000.0 and T.train_cap_ms(dict(gptq, MAX_WALLCLOCK_SECONDS=0.0)) == 0.0
+    assert abs(T.lr_multiplier(gptq, 10, 1000.0) - 0.5) < 1e-9 and T.lr_multiplier(gptq, 60, 6000.0) == 0.0
 
 
 def test_capped_run_completes(sample_data, tmp_path):
     rc, _, err, log = run_script({"MAX_WALLCLOCK_SECONDS": 3, "ITERATIONS": 10000, "WARMDOWN_ITERS": 1000,
-                                  "VAL_MAX_TOKENS": 8192, "EVAL_STRIDE": 0}, tmp_path)
+                                  "VAL_MAX_TOKENS": 8192, "EVAL_STRIDE": 0, "QAT_THRESHOLD": 0.15, "QUANT_METHOD": "rtn"}, tmp_path)
     assert rc == 0, err[-2000:]
     done = next(l for l in log.splitlines() if l.startswith("train_done"))
     steps = int(done.split("steps:")[1].split()[0])

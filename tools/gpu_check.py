@@ -3,14 +3,16 @@
 
 Runs train_gpt.py as a child process once per preset, on one GPU, for a fixed short wall-clock, with the full
 global batch (MICRO_BATCHES accumulation steps), compiled, bf16 - exactly the default record configuration except:
-  MAX_WALLCLOCK_SECONDS=--seconds; WARMDOWN_ITERS sized so the warmdown covers the run and late QAT switches on for
-  about its last 30 % (so the compiled fake-quantization path really runs on CUDA); VAL_MAX_TOKENS=--val-tokens;
+  MAX_WALLCLOCK_SECONDS=--seconds; when late QAT is on (QAT_THRESHOLD > 0, e.g. --env QAT_THRESHOLD=0.15; the
+  default GPTQ recipe has it off), WARMDOWN_ITERS sized so it switches on for about the last 30 % of the run (so the
+  compiled fake-quantization path really runs on CUDA); VAL_MAX_TOKENS=--val-tokens;
   SIZE_LIMIT_BYTES=--size-limit (a one-minute model is far from trained: at initialization the record model's
   artifact is 18.7 MB and still 16.25 MB with every int6 matrix moved to int5, so under 16,000,000 the exporter
   would stop the run before the evaluations; the summary still says whether it fits 16,000,000);
   TRAIN_LOG_EVERY so about 20 step lines arrive; TORCH_LOGS=recompiles,graph_breaks.
 Then it reads the logs and writes DIR/summary.json: ms/step, tokens/s, peak memory, attention backend, compile,
-when late QAT switched on (and whether the switch made Dynamo recompile), step time before/after it, the size lines,
+when late QAT switched on (and whether the switch made Dynamo recompile), step time before/after it, GPTQ's
+calibration (batches, seconds, inside the cap or not) and quantization seconds, the size lines,
 pre-quant / round-trip / sliding results with each phase's seconds and tokens/s, and an extrapolation to 8 GPUs in
 600 s. DIR also gets each run's log (PRESET.txt), its console output (PRESET.console.txt) and this script's output
 (gpu_check.txt); artifacts go to a temporary folder and are deleted.
@@ -114,6 +116,9 @@ def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
                   for x in lg.train]
     if "late_qat" in lg.last:
         p["late_qat"] = last("late_qat", "step", "lr_mult")
+    if "gptq_calibration" in lg.last:
+        p["gptq"] = dict(last("gptq_calibration", "batches", "tokens", "seconds", "train_plus_calibration_ms", "limit_ms"),
+                         quantize_seconds=(last("quantized", "seconds") or {}).get("seconds"))
     if "warmup_steps" in lg.last and any(l.startswith("warmup_steps:") and " done" in l for l in lines):
         p["warmup_done"] = value(lg.last["warmup_steps"]["warmup_steps"])
     if "features" in lg.last:
@@ -476,7 +481,7 @@ def analyze(preset: str, child: dict, p: dict, plan: dict, dry: bool, hp_default
                                                        and (t_train is None or t <= t_train)),
                         recompiles_during_warmup=sum(1 for t in rec if train_start is not None and t < train_start),
                         recompile_reasons=reasons),
-        size=None, pre_quant=None, roundtrip=None, sliding=None,
+        gptq=p.get("gptq"), size=None, pre_quant=None, roundtrip=None, sliding=None,
     )
     if p.get("pre_quant"):
         # standard eval scores every target once: as many tokens as the round trip reports
@@ -539,9 +544,12 @@ def checks(preset, r, p, dry, hp_defaults, env) -> dict:
     c["peak_memory_reported"] = None if dry else finite(r["train"]["peak_mem_gib"])
     c["no_recompile_during_training"] = r["torch_logs"]["recompiles_during_training"] == 0 if compiled else None
     if preset == "record":
-        q = r["qat"]
-        c["qat_enabled"] = q["enabled"]
-        c["qat_switched_mid_run"] = bool(q["enabled"] and r["train"]["steps"] and 1 < q["step"] < r["train"]["steps"])
+        q, g = r["qat"], r["gptq"]
+        qat_on = float(p["hparams"].get("qat_threshold") or 0) > 0  # late QAT is optional (off under GPTQ by default)
+        c["qat_enabled"] = q["enabled"] if qat_on else None
+        c["qat_switched_mid_run"] = bool(q["enabled"] and r["train"]["steps"] and 1 < q["step"] < r["train"]["steps"]) if qat_on else None
+        gptq = p["hparams"].get("quant_method") == "gptq"
+        c["gptq_calibrated_inside_cap"] = bool(g and g["batches"] and (not g["limit_ms"] or g["train_plus_calibration_ms"] <= g["limit_ms"])) if gptq else None
         c["sliding_eval_ran"] = r["sliding"] is not None
         if cuda:
             c["full_size_record_config"] = all(p["hparams"].get(k.lower()) == value(str(hp_defaults[k])) for k in FULL_SIZE_KEYS)
@@ -788,6 +796,10 @@ def report(s: dict) -> None:
             f"{fmt(z.get('status'))}{'' if z.get('fits_16mb') is None else ' fits16MB' if z['fits_16mb'] else ' >16MB'}")
         ph = " ".join(f"{k}:{fmt(v, '.1f')}" for k, v in r["phases_s"].items())
         say(f"{'':9}phases_s {ph}")
+        if r.get("gptq"):
+            g = r["gptq"]
+            say(f"{'':9}gptq calibration {fmt(g['batches'])} batches {fmt(g['seconds'], '.2f')} s, train+calibration "
+                f"{fmt(g['train_plus_calibration_ms'])} ms of {fmt(g['limit_ms'])}; quantize {fmt(g['quantize_seconds'])} s")
         tl = r["torch_logs"]
         say(f"{'':9}recompiles {tl['recompiles_total']} (training {tl['recompiles_during_training']}), graph breaks "
             f"{tl['graph_breaks']}; roundtrip {fmt((r['roundtrip'] or {}).get('tokens_per_s_incl_compile'), ',.0f')} tok/s "
