@@ -179,11 +179,12 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hp["SDCLIP_K"] > 0 and hp["SDCLIP_K_EMBED"] > 0, "SDCLIP_K and SDCLIP_K_EMBED must be positive")
     need(hp["GPTQ_CALIB_BATCHES"] > 0 and hp["GPTQ_RESERVE_SECONDS"] >= 0 and hp["GPTQ_DAMP"] > 0,
          "GPTQ_CALIB_BATCHES and GPTQ_DAMP must be positive, GPTQ_RESERVE_SECONDS non-negative")
-    need(hp["QUANT_METHOD"] != "gptq" or not 0 < hp["MAX_WALLCLOCK_SECONDS"] <= hp["GPTQ_RESERVE_SECONDS"],
-         f"GPTQ_RESERVE_SECONDS={hp['GPTQ_RESERVE_SECONDS']} leaves no training time under MAX_WALLCLOCK_SECONDS={hp['MAX_WALLCLOCK_SECONDS']}")
     if hp["EVAL_ONLY"]:
         need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         return
+    if hp["QUANT_METHOD"] == "gptq" and hp["MAX_WALLCLOCK_SECONDS"] > 0:
+        r, cap = hp["GPTQ_RESERVE_SECONDS"], hp["MAX_WALLCLOCK_SECONDS"]
+        need(0 < r < cap, f"GPTQ_RESERVE_SECONDS={r} must be in (0, MAX_WALLCLOCK_SECONDS={cap}): calibration reads training data, inside the cap")
     L = hp["TRAIN_SEQ_LEN"]
     mb = hp["MICRO_BATCHES"]
     need(mb > 0 and mb % world == 0, f"MICRO_BATCHES={mb} must be a positive multiple of the world size {world}")
@@ -696,9 +697,9 @@ def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax"
     C = scale.size(0)
     S = scale.reshape(C * rows, 1)
     Hd = H.detach().double().clone()
-    dead = Hd.diagonal() == 0  # inputs that are always zero: their weights cannot matter
+    dead = Hd.diagonal() == 0  # inputs never seen in calibration: a unit diagonal rounds them to nearest, alone
     Hd[dead, dead] = 1.0
-    W = w.masked_fill(dead, 0.0).repeat(C, 1)
+    W = w.repeat(C, 1)
     perm = torch.argsort(Hd.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=w.device)
     W, Hd = W[:, perm], Hd[perm][:, perm]
     for _ in range(4):  # a rank-deficient H (few calibration tokens) can need more damping than asked for
@@ -1264,7 +1265,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
             torch._foreach_copy_(params, ema)
     if hp["QUANT_METHOD"] == "gptq":  # inside the training budget: it reads training data
         limit = 1000 * hp["MAX_WALLCLOCK_SECONDS"]
-        hs, batches, ms = collect_hessians(model, hp, loader, world, device, limit - elapsed if limit > 0 else 0.0)
+        hs, batches, ms = collect_hessians(model, hp, loader, world, device, limit - elapsed if limit > 0 else None)
         log(f"gptq_calibration: batches:{batches} tokens:{batches * B} seconds:{ms / 1000:.2f} "
             f"train_plus_calibration_ms:{elapsed + ms:.0f} limit_ms:{limit:.0f}"
             + (" OVER: raise GPTQ_RESERVE_SECONDS" if 0 < limit < elapsed + ms else ""))
@@ -1283,13 +1284,13 @@ def ema_update(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: float) -> tuple[dict, int, float]:
+def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: float | None) -> tuple[dict, int, float]:
     """GPTQ calibration: H = sum of X^T X over the inputs of every matrix that ships quantized (for the tied
     embedding, the final-norm output: it is also the output layer), from up to GPTQ_CALIB_BATCHES further training
     batches run forward through `model` (the weights that will be exported). Each rank keeps one H per local
     micro-batch slot, sums its slots as a midpoint tree, then all ranks meet in one all-reduce: 1 and 2 ranks give
-    bit-identical H. Stops early (after at least one batch) when the next batch would pass budget_ms (0 = none).
-    Returns (H by parameter name, batches, milliseconds)."""
+    bit-identical H. Stops early (after at least one batch) when the next batch would pass budget_ms (None = no
+    cap). Returns (H by parameter name, batches, milliseconds including the final all-reduce)."""
     accum, L, B = hp["MICRO_BATCHES"] // world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"]
     bits, big = quant_bits(model), lambda p: p.numel() > hp["QUANT_MIN_NUMEL"]
     targets = {m: (f"{n}.weight", m.weight.size(1)) for n, m in model.named_modules()
@@ -1302,7 +1303,7 @@ def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: floa
     def add(key, x):
         if last[0] is not x:  # q, k and v share one input: one product
             xf = x.detach().reshape(-1, x.size(-1)).float()
-            with torch.autocast(xf.device.type, enabled=False):  # an fp32 product, not autocast's bf16
+            with torch.autocast(xf.device.type, enabled=False):  # fp32 inputs (TF32 matmul on CUDA), not autocast's bf16
                 last[0], last[1] = x, xf.T @ xf
         H[key][slot[0]] += last[1]
 
@@ -1325,7 +1326,7 @@ def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: floa
             if world > 1:  # every rank takes the same decision
                 dist.all_reduce(times, op=dist.ReduceOp.MAX)
             spent, slowest = times[0].item(), max(slowest, times[1].item())
-            if budget_ms > 0 and spent + slowest > budget_ms:
+            if budget_ms is not None and spent + slowest > budget_ms:
                 break
     finally:
         for h in hooks:
@@ -1337,7 +1338,8 @@ def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: floa
     out, off = {}, 0
     for k, h in H.items():
         out[k], off = flat[off:off + h[0].numel()].view_as(h[0]), off + h[0].numel()
-    return out, batches, spent
+    sync()
+    return out, batches, 1000 * (time.perf_counter() - t0)
 
 
 def forecast(hp, log, rank, world, model, ema, step):
@@ -1356,10 +1358,14 @@ def forecast(hp, log, rank, world, model, ema, step):
 def export(hp, log, rank, world, model: GPT, code_bytes: int, path: str, result: dict):
     def go():
         t0 = time.perf_counter()
-        hs = result.get("hessians")
-        entries, originals = quantize_state(model.state_dict(), quant_bits(model), hp, hs)
-        log(f"quantized: method:{hp['QUANT_METHOD']} scale:{hp['QUANT_SCALE']} seconds:{time.perf_counter() - t0:.1f}")
-        blob = fit_budget(entries, originals, model.hp, code_bytes, hp["SIZE_LIMIT_BYTES"], log, hp, hs)
+        hs, tf32 = result.get("hessians"), torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error feedback in true fp32 (main() turns TF32 on)
+        try:
+            entries, originals = quantize_state(model.state_dict(), quant_bits(model), hp, hs)
+            log(f"quantized: method:{hp['QUANT_METHOD']} scale:{hp['QUANT_SCALE']} seconds:{time.perf_counter() - t0:.1f}")
+            blob = fit_budget(entries, originals, model.hp, code_bytes, hp["SIZE_LIMIT_BYTES"], log, hp, hs)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

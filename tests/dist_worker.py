@@ -1,15 +1,28 @@
 """Runs train_gpt.main() (plain or under torchrun) and saves each rank's final weights and GPTQ Hessians, for the
-equivalence test."""
+equivalence tests. With CALIB_ONLY=1 it only runs GPTQ calibration on a freshly initialized model (no training)."""
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt  # noqa: E402
 
-result = train_gpt.main()
-rank = int(os.environ.get("RANK", "0"))
-out = os.environ["LOG_DIR"]
-torch.save({k: v.cpu() for k, v in result["model"].state_dict().items()}, os.path.join(out, f"weights_rank{rank}.pt"))
-torch.save({k: v.cpu() for k, v in result.get("hessians", {}).items()}, os.path.join(out, f"hessians_rank{rank}.pt"))
+out, rank = os.environ["LOG_DIR"], int(os.environ.get("RANK", "0"))
+if os.environ.get("CALIB_ONLY") == "1":
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    hp = train_gpt.parse_hparams()
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp)
+    loader = train_gpt.DistributedTokenLoader(train_gpt.shard_files(hp, "train"), rank, world, torch.device("cpu"))
+    hessians, _, _ = train_gpt.collect_hessians(model, hp, loader, world, torch.device("cpu"), None)
+    if world > 1:
+        dist.destroy_process_group()
+else:
+    result = train_gpt.main()
+    torch.save({k: v.cpu() for k, v in result["model"].state_dict().items()}, os.path.join(out, f"weights_rank{rank}.pt"))
+    hessians = result.get("hessians", {})
+torch.save({k: v.cpu() for k, v in hessians.items()}, os.path.join(out, f"hessians_rank{rank}.pt"))

@@ -72,11 +72,13 @@ def test_damping_matters_when_calibration_is_rank_deficient():
         T.gptq(w, H, 6, [1.0], damp=1e-13)
 
 
-def test_dead_inputs_get_zero_weights():
+def test_inputs_never_seen_in_calibration_are_rounded_to_nearest():
+    """A column whose input was always zero in calibration has no Hessian information: its weights are rounded to
+    nearest on their own (they may still fire at evaluation), and no other column's error lands on them."""
     w, X = weights(), low_rank_inputs(512)
     X[:, 5] = 0.0
-    q, _, _ = T.gptq(w, X.T @ X, 6, [1.0])
-    assert not q[:, 5].any()
+    q, s, _ = T.gptq(w, X.T @ X, 6, [1.0])
+    assert torch.equal(q[:, 5], T.quantize_rows(w, 6, [1.0])[0][:, 5]) and q[:, 5].any()
 
 
 def test_sdclip_scale_is_k_row_stds_and_larger_k_means_fewer_bytes():
@@ -126,7 +128,7 @@ def test_calibration_collects_the_inputs_of_every_quantized_matrix(sample_data):
     torch.manual_seed(0)
     model = T.GPT(hp)
     loader = T.DistributedTokenLoader(T.shard_files(hp, "train"), 0, 1, torch.device("cpu"))
-    H, batches, ms = T.collect_hessians(model, hp, loader, 1, torch.device("cpu"), 0.0)
+    H, batches, ms = T.collect_hessians(model, hp, loader, 1, torch.device("cpu"), None)
     assert batches == 2 and ms > 0
     assert loader.stream.pos == 2 * hp["TRAIN_BATCH_TOKENS"], "it reads the next training batches, nothing else"
     expect = {n for n, p in model.state_dict().items() if n in T.quant_bits(model) and p.numel() > hp["QUANT_MIN_NUMEL"]}
@@ -138,6 +140,16 @@ def test_calibration_collects_the_inputs_of_every_quantized_matrix(sample_data):
     # the tied output layer reads rms-normed rows: trace = tokens x width
     tokens = 2 * hp["TRAIN_BATCH_TOKENS"]
     assert abs(float(H["tok_emb.weight"].trace()) / (tokens * hp["MODEL_DIM"]) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("budget,want", [(None, 3), (1e-3, 1), (0.0, 1), (-5.0, 1)])
+def test_calibration_stops_after_one_batch_when_no_time_is_left(budget, want, sample_data):
+    """None = no cap: every batch. A cap already reached (or passed) still needs one batch for GPTQ, never more."""
+    hp = T.parse_hparams({"SMOKE": "1", "GPTQ_CALIB_BATCHES": "3"})
+    model = T.GPT(hp)
+    loader = T.DistributedTokenLoader(T.shard_files(hp, "train"), 0, 1, torch.device("cpu"))
+    _, batches, _ = T.collect_hessians(model, hp, loader, 1, torch.device("cpu"), budget)
+    assert batches == want
 
 
 def test_capped_gptq_run_calibrates_inside_the_limit(sample_data, tmp_path):

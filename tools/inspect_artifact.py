@@ -4,7 +4,8 @@
 Columns: scheme (int6/int8, or int5 after a budget fit, per-row with fp16 scales; fp16; fp32), shape, `bytes`
 stored (symbols + scales, before compression), `zstd` = zstd-22 of that tensor's arrays alone, `bits/val` = zstd-22 of its symbols alone in bits per
 value, `H0` = order-0 entropy bound of its symbols (+ raw scales; train_gpt.entropy_bytes) and the same bound in
-bits per value, the mean chosen clip fraction and the reconstruction MSE against the float weights.
+bits per value, the mean chosen scale candidate (a clip fraction of the row max; with QUANT_SCALE=sdclip, k row
+standard deviations) and the reconstruction MSE against the float weights (in weight space, also under GPTQ).
 The file itself is the 8-byte magic + one zstd-22 frame over (JSON metadata + all arrays), so its size differs a
 little from the per-tensor zstd sum. Reading uses train_gpt.unpack_artifact: anything else is refused.
 """
