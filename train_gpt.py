@@ -11,7 +11,6 @@ import contextlib
 import datetime
 import glob
 import hashlib
-import io
 import json
 import math
 import os
@@ -1211,7 +1210,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     qat_on = qat and hp["QAT_THRESHOLD"] >= 1.0
     model.qat_switch(qat_on)
     if qat_on:
-        log(f"late_qat:enabled step:0 lr_mult:1.000")
+        log("late_qat:enabled step:0 lr_mult:1.000")
     ema = [p.detach().clone() for p in params] if hp["EMA_DECAY"] > 0 else None
     loader = DistributedTokenLoader(files, rank, world, device)
     step, train_ms, elapsed, forecast_done = 0, 0.0, 0.0, False

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import SHARED, metric, run_script
+from conftest import SHARED, run_script
 
 
 def scored_positions(n, L, stride):

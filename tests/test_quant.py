@@ -1,12 +1,11 @@
 """Issue 4: one quantizer for training and export, late QAT that runs under torch.compile, and the size budget."""
 import copy
-import time
 
 import pytest
 import torch
 
 import train_gpt as T
-from conftest import metric, run_script
+from conftest import run_script
 
 
 def small_hp(**kw):
