@@ -2,6 +2,12 @@
 """Download the published challenge data (tokenized FineWeb shards + tokenizer) from Hugging Face.
 
   python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 10
+  python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 10
+
+Where each variant comes from: sp4096 and sp8192 (the byte-fallback tokenizers of the later records) from the
+Hugging Face dataset kevclark/parameter-golf, every other variant (sp1024, byte260, ...) from
+willdepueoai/parameter-golf. --repo OWNER/NAME (or PG_DATA_REPO) takes every variant from that dataset instead.
+Both publish the same layout (below).
 
 writes data/datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin (all validation shards and the
 first N training shards), the tokenizer files into data/tokenizers/, and the repository's manifest.json
@@ -10,15 +16,15 @@ resumes there with an HTTP Range request on the next try or rerun) and renamed o
 already present are skipped after a size check. Every shard's header and size are checked with
 train_gpt.read_shard_header and its token count against the manifest.
 
-Environment: HF_ENDPOINT (default https://huggingface.co), PG_DATA_REPO (default
-willdepueoai/parameter-golf), PG_DATA_ROOT (folder in the repository, default "datasets"),
-PG_DATA_REVISION (default main).
+Environment: HF_ENDPOINT (default https://huggingface.co), PG_DATA_REPO (default for --repo), PG_DATA_ROOT
+(folder in the repository, default "datasets"), PG_DATA_REVISION (default main).
 
-Manifest layout this reads (the one the published export writes): {"shard_size": S, "datasets": [{"name":
-"fineweb10B_sp1024", "tokenizer_name": T, "stats": {"files_train", "files_val", "tokens_train",
+Manifest layout this reads (ROOT/manifest.json, the one the published export writes): {"shard_size": S,
+"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": T, "stats": {"files_train", "files_val", "tokens_train",
 "tokens_val", ...}}], "tokenizers": [{"name": T, "model_path" / "vocab_path" / "path": "tokenizers/..."}]}.
 Only the dataset names and file counts are required; shard token counts are checked where the stats
-and shard_size determine them (every shard but the last of a split holds shard_size tokens).
+and shard_size determine them (every shard but the last of a split holds shard_size tokens). Files: shards at
+ROOT/datasets/<name>/fineweb_{val,train}_NNNNNN.bin, tokenizer files at ROOT/<model_path> etc.
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ import train_gpt  # noqa: E402  (read_shard_header, UserError)
 from train_gpt import UserError  # noqa: E402
 
 DATASET_PREFIX = "fineweb10B_"
+DEFAULT_REPO = "willdepueoai/parameter-golf"
+VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}  # not in DEFAULT_REPO
 RETRY_WAIT = 1.0  # seconds before the first retry; doubles each time (tests set 0)
 TIMEOUT = 60
 BLOCK = 1 << 20
@@ -57,9 +65,10 @@ class Remote:
     revision: str
 
     @classmethod
-    def from_env(cls) -> "Remote":
+    def from_env(cls, variant: str, repo: str | None = None) -> "Remote":
         e = os.environ
-        return cls(e.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"), e.get("PG_DATA_REPO", "willdepueoai/parameter-golf"),
+        repo = repo or e.get("PG_DATA_REPO") or VARIANT_REPOS.get(variant, DEFAULT_REPO)
+        return cls(e.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"), repo,
                    e.get("PG_DATA_ROOT", "datasets").strip("/"), e.get("PG_DATA_REVISION", "main"))
 
     def url(self, rel: str) -> str:
@@ -86,7 +95,7 @@ def _open(url: str, offset: int = 0, method: str = "GET"):
 
 def _http_error(e: urllib.error.HTTPError, url: str) -> UserError:
     if e.code == 404:
-        return UserError(f"not found on the server (HTTP 404): {url}; check PG_DATA_REPO / PG_DATA_ROOT and the manifest")
+        return UserError(f"not found on the server (HTTP 404): {url}; check --repo / PG_DATA_ROOT and the manifest")
     if e.code in (401, 403):
         return UserError(f"access denied (HTTP {e.code}): {url}")
     return UserError(f"HTTP {e.code} {e.reason} for {url}")
@@ -231,7 +240,7 @@ def _shard_tokens(i: int, n_files: int, total, shard_size) -> int | None:
     return (shard_size if i < n_files - 1 else last) if 0 < last <= shard_size else None
 
 
-def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool, data_dir: Path) -> list[Item]:
+def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool, data_dir: Path, repo: str = "") -> list[Item]:
     try:
         datasets = {d["name"]: d for d in manifest["datasets"]}
         tokenizers = {t["name"]: t for t in manifest.get("tokenizers", [])}
@@ -239,7 +248,9 @@ def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool, data_
         raise UserError("the manifest has an unexpected layout (no list of named datasets)") from None
     variants = {n[len(DATASET_PREFIX):]: n for n in datasets if n.startswith(DATASET_PREFIX)}
     if variant not in variants:
-        raise UserError(f"unknown variant {variant!r}; published variants: {', '.join(sorted(variants)) or 'none'}")
+        where = f" in {repo}" if repo else ""
+        raise UserError(f"unknown variant {variant!r}{where}; published variants{where and ' there'}: "
+                        f"{', '.join(sorted(variants)) or 'none'}")
     name = variants[variant]
     entry = datasets[name]
     stats = entry.get("stats") or {}
@@ -270,14 +281,14 @@ def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool, data_
 
 # ----------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> None:
-    remote = Remote.from_env()
+    remote = Remote.from_env(args.variant, args.repo)
     data_dir = Path(args.data_dir)
     raw = fetch_bytes(remote.url("manifest.json"), args.retries)
     try:
         manifest = json.loads(raw)
     except ValueError:
         raise UserError(f"{remote.url('manifest.json')} is not valid JSON") from None
-    items = plan(manifest, args.variant, args.train_shards, args.with_docs, data_dir)
+    items = plan(manifest, args.variant, args.train_shards, args.with_docs, data_dir, remote.repo)
     (data_dir / "datasets").mkdir(parents=True, exist_ok=True)
     tmp = data_dir / "datasets" / ".manifest.json.tmp"
     tmp.write_bytes(raw)
@@ -320,8 +331,10 @@ def present_ok(it: Item, size: int | None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="sp1024", help="tokenizer family, e.g. sp1024 (default), sp4096, byte260; "
-                                                       "the manifest lists what is published")
+    p.add_argument("--variant", default="sp1024", help="tokenizer family, e.g. sp1024 (default), sp4096, sp8192, "
+                                                       "byte260; the manifest lists what is published")
+    p.add_argument("--repo", metavar="OWNER/NAME", help=f"Hugging Face dataset to read (default: PG_DATA_REPO, else "
+                   f"{VARIANT_REPOS['sp8192']} for {' and '.join(VARIANT_REPOS)}, {DEFAULT_REPO} for the others)")
     p.add_argument("--train-shards", type=_nonneg, default=80, metavar="N",
                    help="download the first N training shards (default 80; each sp1024 shard is 100M tokens, 200 MB)")
     p.add_argument("--with-docs", action="store_true",

@@ -211,8 +211,8 @@ class FakeHub:
 BASE = "/datasets/test/golf/resolve/main/datasets"
 
 
-def shard_bytes(tmp: Path, n: int, seed: int) -> bytes:
-    prepare_text.write_shard(tmp / "s.bin", np.random.default_rng(seed).integers(0, 1024, n, dtype=np.uint16))
+def shard_bytes(tmp: Path, n: int, seed: int, vocab: int = 1024) -> bytes:
+    prepare_text.write_shard(tmp / "s.bin", np.random.default_rng(seed).integers(0, vocab, n, dtype=np.uint16))
     return (tmp / "s.bin").read_bytes()
 
 
@@ -321,7 +321,7 @@ def test_download_refuses_corrupt_shards(hub, tmp_path, capsys):
 
 def test_download_user_errors(hub, tmp_path, capsys, monkeypatch):
     rc, err = download(capsys, tmp_path, "--variant", "sp999")
-    assert rc == 1 and err == "error: unknown variant 'sp999'; published variants: byte260, sp1024\n"
+    assert rc == 1 and err == "error: unknown variant 'sp999' in test/golf; published variants there: byte260, sp1024\n"
     rc, err = download(capsys, tmp_path, "--train-shards", 5)
     assert rc == 1 and err == "error: sp1024 has 3 training shards; you asked for 5\n"
     del hub.files[f"{BASE}/tokenizers/fineweb_1024_bpe.vocab"]
@@ -335,7 +335,70 @@ def test_download_user_errors(hub, tmp_path, capsys, monkeypatch):
     r = subprocess.run([sys.executable, str(REPO / "data" / "cached_challenge_fineweb.py"), "--variant", "sp1",
                         "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "HF_ENDPOINT": hub.endpoint})
-    assert r.returncode == 1 and r.stderr == "error: unknown variant 'sp1'; published variants: byte260, sp1024\n"
+    assert r.returncode == 1 and r.stderr == "error: unknown variant 'sp1' in test/golf; published variants there: byte260, sp1024\n"
+
+
+def published(tmp: Path, repo: str, vocabs: list[int]) -> dict[str, bytes]:
+    """What the fake hub serves for one dataset repository publishing fineweb10B_sp<V> for each V: the manifest,
+    one validation and two training shards each (1000 + 1000 + 400 tokens), fineweb_<V>_bpe.model/.vocab."""
+    base = f"/datasets/{repo}/resolve/main/datasets"
+    manifest = {"shard_size": 1000, "datasets": [], "tokenizers": []}
+    files = {}
+    for v in vocabs:
+        name, tok = f"fineweb10B_sp{v}", f"tokenizers/fineweb_{v}_bpe"
+        manifest["datasets"].append({"name": name, "tokenizer_name": f"sp_bpe_{v}", "stats": {
+            "files_train": 2, "files_val": 1, "tokens_train": 1400, "tokens_val": 600}})
+        manifest["tokenizers"].append({"name": f"sp_bpe_{v}", "model_path": f"{tok}.model", "vocab_path": f"{tok}.vocab"})
+        for i, (rel, n) in enumerate((("fineweb_val_000000.bin", 600), ("fineweb_train_000000.bin", 1000),
+                                      ("fineweb_train_000001.bin", 400))):
+            files[f"{base}/datasets/{name}/{rel}"] = shard_bytes(tmp, n, v + i, vocab=v)
+        files[f"{base}/{tok}.model"] = f"{repo} model {v}".encode()
+        files[f"{base}/{tok}.vocab"] = f"{repo} vocab {v}".encode()
+    files[f"{base}/manifest.json"] = json.dumps(manifest).encode()
+    return files
+
+
+def test_download_larger_vocabularies_from_their_own_repository(tmp_path, capsys, monkeypatch):
+    h = FakeHub({**published(tmp_path, "willdepueoai/parameter-golf", [1024]),
+                 **published(tmp_path, "kevclark/parameter-golf", [4096, 8192])})
+    monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.delenv("PG_DATA_REPO", raising=False)
+    monkeypatch.setattr(dl, "RETRY_WAIT", 0.0)
+    try:
+        for variant, repo, vocab in (("sp8192", "kevclark", 8192), ("sp4096", "kevclark", 4096), ("sp1024", "willdepueoai", 1024)):
+            h.log.clear()
+            rc, err = download(capsys, tmp_path, "--variant", variant, "--train-shards", 1)
+            assert rc == 0, err
+            assert {p.split("/")[2] for _, p, _ in h.log} == {repo}, h.log  # every request went to that repository
+            ds = tmp_path / "datasets" / f"fineweb10B_{variant}"
+            assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+            base = f"/datasets/{repo}/parameter-golf/resolve/main/datasets"
+            for f in ds.iterdir():
+                assert f.read_bytes() == h.files[f"{base}/datasets/fineweb10B_{variant}/{f.name}"]
+            assert train_gpt.load_data_shard(str(ds / "fineweb_val_000000.bin")).max() >= vocab // 2
+            for ext in ("model", "vocab"):
+                got = (tmp_path / "tokenizers" / f"fineweb_{vocab}_bpe.{ext}").read_bytes()
+                assert got == f"{repo}/parameter-golf {ext} {vocab}".encode()
+        # --repo (or PG_DATA_REPO) takes every variant from one repository; one line names it and what it has
+        rc, err = download(capsys, tmp_path, "--variant", "sp1024", "--repo", "kevclark/parameter-golf")
+        assert rc == 1 and err == ("error: unknown variant 'sp1024' in kevclark/parameter-golf; "
+                                   "published variants there: sp4096, sp8192\n")
+        monkeypatch.setenv("PG_DATA_REPO", "willdepueoai/parameter-golf")
+        rc, err = download(capsys, tmp_path / "other", "--variant", "sp8192")
+        assert rc == 1 and err == "error: unknown variant 'sp8192' in willdepueoai/parameter-golf; published variants there: sp1024\n"
+        rc, err = download(capsys, tmp_path / "other", "--variant", "sp8192", "--repo", "kevclark/parameter-golf",
+                           "--train-shards", 0)
+        assert rc == 0, err
+        assert not (tmp_path / "other" / "datasets" / "fineweb10B_sp1024").exists()
+        del h.files["/datasets/kevclark/parameter-golf/resolve/main/datasets/tokenizers/fineweb_4096_bpe.model"]
+        rc, err = download(capsys, tmp_path / "third", "--variant", "sp4096", "--repo", "kevclark/parameter-golf",
+                           "--train-shards", 0)
+        assert rc == 1 and err.startswith("error: not found on the server (HTTP 404): ") and err.count("\n") == 1
+        assert "kevclark/parameter-golf/resolve/main/datasets/tokenizers/fineweb_4096_bpe.model; check --repo" in err
+        assert not list((tmp_path / "third" / "tokenizers").glob("fineweb_4096_bpe.model*"))
+    finally:
+        h.server.shutdown()
 
 
 # ----------------------------------------------------------------------------- embedded sample
