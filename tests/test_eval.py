@@ -137,12 +137,23 @@ def challenge():
     return sp, docs, luts
 
 
-def stream_bytes(docs_ids, luts):
-    """Bytes of every target of the stream BOS d1 BOS d2 ..., via the lookup tables."""
+def doc_bytes(docs_ids, luts) -> list[int]:
+    """Bytes of each document's targets in the stream BOS d1 BOS d2 ..., via the lookup tables (a BOS target
+    counts with the document before it)."""
     base, lead, bound = luts
     toks = torch.tensor([t for ids in docs_ids for t in [1] + ids])
     prev, cur = toks[:-1], toks[1:]
-    return int((base[cur] + (lead[cur] & ~bound[prev])).sum())
+    per_target = (base[cur] + (lead[cur] & ~bound[prev])).long()
+    return [int(x.sum()) for x in per_target.split([len(i) for i in docs_ids[:1]] + [len(i) + 1 for i in docs_ids[1:]])]
+
+
+def stream_bytes(docs_ids, luts):
+    """Bytes of every target of the stream BOS d1 BOS d2 ..., via the lookup tables."""
+    return sum(doc_bytes(docs_ids, luts))
+
+
+def decoded_bytes(sp, docs_ids) -> list[int]:
+    return [len(t.encode("utf-8")) for t in sp.decode(docs_ids)]
 
 
 def test_bytes_equal_utf8_length_of_decoded_text(challenge):
@@ -151,7 +162,58 @@ def test_bytes_equal_utf8_length_of_decoded_text(challenge):
     clean = [i for i in ids if 3 not in i]
     assert len(clean) > 100
     # each document's bytes = UTF-8 length of its (normalized) decoded text; BOS boundaries add nothing
-    assert stream_bytes(clean, luts) == sum(len(sp.decode(i).encode("utf-8")) for i in clean)
+    assert doc_bytes(clean, luts) == decoded_bytes(sp, clean)
+
+
+# Documents the corpus lacks: emoji and other characters its tokenizer has no piece for (byte pieces), at the start
+# of a document, after a space, between words, alone.
+UNSEEN = ["😀 starts with an emoji", "ends with one 🎉", "a🙂b c 🙃 d", "東京 and 北京 are cities 🏙", "🦀🦀🦀",
+          "naïve café — ☃ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∮ ⅓ ﬁ 🧪", "Ελληνικά, русский, עברית, العربية, हिन्दी 🌍", "tab\tand 🐍 snake",
+          "numbers 12345 🔢 67890", "emoji with skin tone 👍🏽 and a flag 🇫🇷 and ZWJ 👨‍👩‍👧"]
+
+
+@pytest.fixture(scope="module")
+def byte_fallback(tmp_path_factory):
+    """A 4096-piece byte-fallback tokenizer and shards from data/prepare_text.py on the whole shared corpus, with
+    the UNSEEN documents first (validation, so the tokenizer never sees them)."""
+    corpus = SHARED / "corpus" / "nlp_corpus_docs.jsonl.gz"
+    if not corpus.exists():
+        pytest.skip("../shared corpus not present")
+    from data import prepare_text
+    tmp = tmp_path_factory.mktemp("bf")
+    (tmp / "unseen.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in UNSEEN), encoding="utf-8")
+    out = tmp / "corpus_sp4096"
+    assert prepare_text.main([str(tmp / "unseen.jsonl"), str(corpus), "--out", str(out), "--byte-fallback",
+                              "--vocab-size", "4096", "--train-chars", "0", "--workers", "1", "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    stream = torch.cat([torch.from_numpy(T.load_data_shard(str(out / s["file"])).astype("int64"))
+                        for split in ("val", "train") for s in manifest["shards"][split]])
+    return out / "tokenizer.model", manifest, stream
+
+
+def test_byte_fallback_bytes_equal_utf8_length_of_decoded_text_on_every_document(byte_fallback):
+    import sentencepiece as spm
+    model, manifest, stream = byte_fallback
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    luts = T.byte_luts({"TOKENIZER_PATH": str(model), "VOCAB_SIZE": 4096}, torch.device("cpu"))
+    is_byte = torch.tensor([sp.IsByte(i) for i in range(sp.vocab_size())])
+    is_unk = torch.tensor([sp.IsUnknown(i) for i in range(sp.vocab_size())])
+    assert int(is_byte.sum()) == 256
+    starts = (stream == 1).nonzero().flatten().tolist() + [len(stream)]
+    assert starts[0] == 0
+    docs = [stream[a + 1:b].tolist() for a, b in zip(starts, starts[1:])]
+    assert len(docs) == 10_000 + len(UNSEEN) == sum(manifest["docs"].values())  # every document, val and train
+    assert not is_unk[stream].any()  # byte fallback: <unk> is never produced
+    with_bytes = [k for k, d in enumerate(docs) if is_byte[d].any()]
+    assert set(range(len(UNSEEN))) <= set(with_bytes) and len(with_bytes) > 100
+    got, want = doc_bytes(docs, luts), decoded_bytes(sp, docs)
+    bad = [k for k in range(len(docs)) if got[k] != want[k]]
+    assert not bad, f"{len(bad)} documents differ: " + str([(k, got[k], want[k], sp.decode(docs[k])[:60]) for k in bad[:3]])
+    assert (luts[0][is_byte] == 1).all()
+    # the bug that shipped in a record (byte pieces counted as 3 bytes) fails on exactly the documents with byte pieces
+    wrong = (torch.where(is_byte, 3, luts[0]).to(luts[0].dtype), luts[1], luts[2])
+    got3 = doc_bytes(docs, wrong)
+    assert [k for k in range(len(docs)) if got3[k] != want[k]] == with_bytes
 
 
 def test_unknown_tokens_count_zero_bytes_like_the_official_metric(challenge):
