@@ -48,14 +48,15 @@ HPARAMS = [
     ("SEED", 1337, "random seed"),
     ("COMPILE", -1, "torch.compile the model: 1 on, 0 off, -1 on for CUDA only"),
     # model
-    ("VOCAB_SIZE", 1024, "tokenizer vocabulary size"),
+    ("VOCAB_SIZE", 1024, "vocabulary size; unless set, it follows the tokenizer at TOKENIZER_PATH"),
     ("NUM_LAYERS", 11, "transformer blocks"),
     ("MODEL_DIM", 512, "residual width"),
     ("NUM_HEADS", 8, "query heads"),
     ("NUM_KV_HEADS", 4, "key/value heads (grouped-query attention)"),
     ("MLP_MULT", 3, "MLP hidden width = MLP_MULT * MODEL_DIM"),
+    ("MLP_ACT", "relu2", "MLP activation: relu2 = relu(x)^2; leaky2 = leaky_relu(x, 0.5)^2 keeps a gradient for x < 0"),
     ("LOGIT_SOFTCAP", 30.0, "logits = cap * tanh(logits / cap): keeps early logits tame"),
-    ("ROPE_BASE", 10000.0, "RoPE base frequency"),
+    ("ROPE_BASE", 10000.0 * 2.0 ** (16 / 14), "RoPE base: the 1.1233 record's 10000, NTK-scaled from length 1024 to 2048 on 16 dims"),
     ("ROPE_DIMS", 16, "partial RoPE: rotate only the first N dims of each head (0 = all)"),
     ("QK_GAIN_INIT", 1.5, "initial per-head gain on the RMS-normalized queries"),
     ("XSA_LAST_N", 4, "exclusive self-attention on the last N layers: remove each output's own-value component"),
@@ -65,6 +66,11 @@ HPARAMS = [
     ("BIGRAM_DIM", 128, "bigram embedding width, projected to MODEL_DIM"),
     ("VE_LAYERS", "-2,-1", "value embeddings: layers (negative = from the end) whose V gets a token embedding added ('' = off)"),
     ("VE_DIM", 128, "value-embedding table width, projected to the KV width"),
+    ("SKIP_GATES", 0, "gate each U-Net skip: x <- lerp(w * skip, x, sigmoid(g)), so a layer can learn how much skip it takes"),
+    ("PARALLEL_FROM", -1, "blocks from this index on are parallel: x + a*Attn(n(x)) + m*MLP(n(x)), one norm, a shorter path (-1 = off)"),
+    ("LOOP_LAYERS", "", "depth recurrence: contiguous blocks (e.g. 4,5) run LOOP_REPEATS more times with the same weights ('' = off)"),
+    ("LOOP_REPEATS", 2, "extra passes through LOOP_LAYERS: more depth for no extra bytes"),
+    ("LOOP_START", "0.5,0.65", "fraction of the training budget at which each extra pass switches on (one value: all at once)"),
     # data and schedule
     ("TRAIN_SEQ_LEN", 2048, "training sequence length"),
     ("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of world size"),
@@ -72,6 +78,8 @@ HPARAMS = [
     ("ITERATIONS", 20000, "maximum optimizer steps"),
     ("WARMUP_STEPS", 20, "steps run then undone before training: compiles and warms kernels"),
     ("WARMDOWN_ITERS", 3500, "linear LR decay over the last N steps (measured in wall-clock when capped)"),
+    ("WARMDOWN_FRAC", 0.0, "instead, decay over this fraction of the budget (time when capped, else ITERATIONS): later records' form (0 = use WARMDOWN_ITERS)"),
+    ("MIN_LR", 0.0, "LR multiplier floor during warmdown: keeps the last steps learning"),
     ("MAX_WALLCLOCK_SECONDS", 600.0, "training time cap (0 = none)"),
     ("VAL_LOSS_EVERY", 0, "evaluate every N steps during training (0 = only at the end)"),
     ("TRAIN_LOG_EVERY", 200, "log the training loss every N steps"),
@@ -83,8 +91,11 @@ HPARAMS = [
     ("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0"),
     ("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to ramp Muon momentum"),
     ("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations"),
+    ("MUON_NS", "quintic", "Newton-Schulz coefficients: quintic (one fixed triple) or polar (Polar Express, one triple per iteration: closer to orthogonal)"),
+    ("MUON_ROW_NORM", 0, "MuonEq-R: normalize each row of the update before Newton-Schulz, so no row dominates the orthogonalization"),
     ("MUON_WD", 0.04, "decoupled weight decay on Muon matrices: smaller weights, finer int6 grid"),
-    ("ADAM_WD", 0.04, "decoupled weight decay on AdamW parameters"),
+    ("ADAM_WD", 0.04, "decoupled weight decay on AdamW vectors and scalars"),
+    ("EMBED_WD", 0.04, "decoupled weight decay on the embedding tables (AdamW)"),
     ("BETA1", 0.9, "AdamW beta1"),
     ("BETA2", 0.95, "AdamW beta2"),
     ("ADAM_EPS", 1e-8, "AdamW epsilon"),
@@ -112,14 +123,20 @@ HPARAMS = [
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
              "ROPE_BASE", "ROPE_DIMS", "XSA_LAST_N", "LN_SCALE", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
-             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN"]
+             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS"]
 PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
     "record": {},
     "baseline": dict(NUM_LAYERS=9, MLP_MULT=2, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288, ROPE_DIMS=0, XSA_LAST_N=0,
                      LN_SCALE=0, SMEAR_GATE=0, BIGRAM_VOCAB_SIZE=0, VE_LAYERS="", MATRIX_LR=0.04, EMBED_LR=0.05,
                      SCALAR_LR=0.04, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500,
-                     MUON_WD=0.0, ADAM_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_DECAY=0.0, QUANT_METHOD="rtn", QUANT_CLIPS="1.0",
-                     WARMDOWN_ITERS=1200, EVAL_STRIDE=0),
+                     MUON_WD=0.0, ADAM_WD=0.0, EMBED_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_DECAY=0.0, QUANT_METHOD="rtn", QUANT_CLIPS="1.0",
+                     WARMDOWN_ITERS=1200, EVAL_STRIDE=0, ROPE_BASE=10000.0),
+    # the best published run without test-time training (1.0835, 2026-04-06; DESIGN section 10), on the sp8192 data
+    "frontier": dict(DATA_PATH="./data/datasets/fineweb10B_sp8192", TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model",
+                     MLP_MULT=4, MLP_ACT="leaky2", ROPE_BASE=10000.0, XSA_LAST_N=11, SMEAR_GATE=0, BIGRAM_VOCAB_SIZE=0,
+                     VE_LAYERS="", SKIP_GATES=1, PARALLEL_FROM=7, LOOP_LAYERS="4,5", LOOP_REPEATS=2, LOOP_START="0.5,0.65",
+                     QK_GAIN_INIT=4.0, MUON_ROW_NORM=1, MUON_WD=0.085, EMBED_WD=0.085, ADAM_WD=0.02, MATRIX_LR=0.02,
+                     SCALAR_LR=0.02, EMBED_LR=0.03, WARMDOWN_FRAC=0.667, QUANT_SCALE="sdclip"),
 }
 SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_sample.py), seconds end to end
     DATA_PATH="./data/datasets/stdlib_sp1024", TOKENIZER_PATH="./data/tokenizers/stdlib_1024_bpe.model",
@@ -128,6 +145,7 @@ SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_
     MUON_MOMENTUM_WARMUP_STEPS=20, EMA_DECAY=0.9, QUANT_MIN_NUMEL=4096, VAL_MAX_TOKENS=32768, BIGRAM_VOCAB_SIZE=512,
     BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, SIZE_LIMIT_BYTES=16000000, GPTQ_CALIB_BATCHES=4,
 )
+SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2", LOOP_START="0.3,0.6", BIGRAM_VOCAB_SIZE=0)}
 
 
 def parse_hparams(env=None) -> dict:
@@ -141,8 +159,8 @@ def parse_hparams(env=None) -> dict:
     if smoke not in ("0", "1", ""):
         raise UserError(f"SMOKE={smoke!r} must be 0 or 1")
     if smoke == "1":
-        defaults |= SMOKE
-    hp = {"PRESET": preset, "SMOKE": int(smoke == "1")}
+        defaults |= SMOKE | SMOKE_PRESET.get(preset, {})
+    hp = {"PRESET": preset, "SMOKE": int(smoke == "1"), "VOCAB_AUTO": int(env.get("VOCAB_SIZE", "") == "")}
     for name, default, _ in HPARAMS:
         raw, d = env.get(name), defaults[name]
         if raw is None or raw == "" and not isinstance(d, str):
@@ -170,6 +188,11 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hd % 2 == 0 and 0 <= hp["ROPE_DIMS"] <= hd and hp["ROPE_DIMS"] % 2 == 0, f"ROPE_DIMS={hp['ROPE_DIMS']} must be even and at most the head dim {hd}")
     need(0 <= hp["XSA_LAST_N"] <= hp["NUM_LAYERS"], f"XSA_LAST_N={hp['XSA_LAST_N']} must be in 0..NUM_LAYERS")
     ve_layers(hp)
+    loop_starts(hp)
+    need(hp["MLP_ACT"] in ("relu2", "leaky2"), f"MLP_ACT={hp['MLP_ACT']!r} must be relu2 or leaky2")
+    need(-1 <= hp["PARALLEL_FROM"] < hp["NUM_LAYERS"], f"PARALLEL_FROM={hp['PARALLEL_FROM']} must be -1 (off) or a layer in 0..NUM_LAYERS-1")
+    need(hp["MUON_NS"] in ("quintic", "polar"), f"MUON_NS={hp['MUON_NS']!r} must be quintic or polar")
+    need(0 <= hp["WARMDOWN_FRAC"] <= 1 and 0 <= hp["MIN_LR"] < 1, "WARMDOWN_FRAC must be in [0, 1] and MIN_LR in [0, 1)")
     need(0 <= hp["EMA_DECAY"] < 1, f"EMA_DECAY={hp['EMA_DECAY']} must be in [0, 1)")
     need(0 <= hp["QAT_THRESHOLD"] <= 1, f"QAT_THRESHOLD={hp['QAT_THRESHOLD']} must be in [0, 1]")
     clips(hp)
@@ -209,6 +232,35 @@ def ve_layers(hp) -> list[int]:
     return sorted(set(out))
 
 
+def loop_layers(hp) -> list[int]:
+    """Depth recurrence: the contiguous block indices that run LOOP_REPEATS extra times ([] = off)."""
+    raw, n = str(hp["LOOP_LAYERS"]).replace(" ", ""), hp["NUM_LAYERS"]
+    try:
+        layers = [int(t) for t in raw.split(",")] if raw else []
+    except ValueError:
+        raise UserError(f"LOOP_LAYERS={raw!r} must be comma-separated block indices, e.g. 4,5") from None
+    if layers and (layers != list(range(layers[0], layers[-1] + 1)) or not 0 <= layers[0] <= layers[-1] < n):
+        raise UserError(f"LOOP_LAYERS={raw!r} must be contiguous increasing block indices in 0..{n - 1}, e.g. 4,5")
+    if layers and hp["LOOP_REPEATS"] < 1:
+        raise UserError(f"LOOP_REPEATS={hp['LOOP_REPEATS']} must be at least 1 when LOOP_LAYERS is set")
+    return layers
+
+
+def loop_starts(hp) -> list[float]:
+    """Budget fraction at which each extra pass through LOOP_LAYERS switches on."""
+    if not loop_layers(hp):
+        return []
+    R = hp["LOOP_REPEATS"]
+    try:
+        starts = [float(t) for t in str(hp["LOOP_START"]).split(",")]
+    except ValueError:
+        starts = []
+    starts = starts * R if len(starts) == 1 else starts
+    if len(starts) != R or not all(0 <= a <= b <= 1 for a, b in zip([0.0] + starts, starts)):
+        raise UserError(f"LOOP_START={hp['LOOP_START']!r} needs one or LOOP_REPEATS={R} non-decreasing fractions in [0, 1]")
+    return starts
+
+
 def clips(hp) -> list[float]:
     try:
         c = [float(x) for x in str(hp["QUANT_CLIPS"]).split(",")]
@@ -229,6 +281,7 @@ def quant_spec(hp, bits: int) -> tuple[str, list[float]]:
 
 # ----------------------------------------------------------------------------- data
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256  # challenge shard header: 256 little-endian int32
+BOS_ID = 1  # every document in the shards starts with this token
 
 
 def read_shard_header(path: str) -> int:
@@ -256,7 +309,9 @@ def shard_files(hp, split: str) -> list[str]:
     pattern = os.path.join(hp["DATA_PATH"], f"*_{split}_*.bin")
     files = sorted(glob.glob(pattern))
     if not files:
-        hint = " (build it: python data/build_sample.py)" if hp["SMOKE"] else " (download it: python data/cached_challenge_fineweb.py --variant sp1024)"
+        folder = os.path.basename(os.path.normpath(hp["DATA_PATH"]))
+        variant = folder[len("fineweb10B_"):] if folder.startswith("fineweb10B_") else "sp1024"
+        hint = " (build it: python data/build_sample.py)" if hp["SMOKE"] else f" (download it: python data/cached_challenge_fineweb.py --variant {variant})"
         raise UserError(f"no {split} shards: {pattern} matched nothing{hint}")
     return files
 
@@ -322,6 +377,8 @@ def byte_luts(hp, device) -> tuple[Tensor, Tensor, Tensor]:
         sp.Load(path)
     except (OSError, RuntimeError):
         raise UserError(f"{path} is not a SentencePiece model") from None
+    if hp.get("VOCAB_AUTO") and not hp.get("EVAL_ONLY"):
+        hp["VOCAB_SIZE"] = sp.vocab_size()  # VOCAB_SIZE was not set: it follows the tokenizer
     if sp.vocab_size() != hp["VOCAB_SIZE"]:
         raise UserError(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={hp['VOCAB_SIZE']}; set VOCAB_SIZE to match")
     n = sp.vocab_size()
@@ -352,10 +409,10 @@ class QLinear(nn.Module):
     """Bias-free linear layer whose weight ships as int6 (if large enough). With late QAT it computes with
     w + stopgrad(Q(w) - w), Q being the exporter's own quantizer, once the `qat` buffer is switched on."""
 
-    def __init__(self, fan_in: int, fan_out: int, bits: int = 6, zero_init: bool = False, out_proj: bool = False):
+    def __init__(self, fan_in: int, fan_out: int, bits: int = 6, init: str = "ortho"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
-        self.bits, self.zero_init, self.out_proj = bits, zero_init, out_proj
+        self.bits, self.init = bits, init  # init: ortho, zero, or ortho_scaled (x 1/sqrt(2 layers))
         self.register_buffer("qat", torch.zeros((), dtype=torch.bool), persistent=False)
         self.qspec: tuple | None = None  # set by GPT when QAT can switch on; None = no fake-quant ops at all
 
@@ -407,7 +464,7 @@ class Attention(nn.Module):
         super().__init__()
         self.h, self.kvh, self.d = heads, kv_heads, dim // heads
         self.q, self.k, self.v = QLinear(dim, dim), QLinear(dim, kv_heads * self.d), QLinear(dim, kv_heads * self.d)
-        self.o = QLinear(dim, dim, out_proj=True)
+        self.o = QLinear(dim, dim, init="zero")
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain))
         self.ve_scale = nn.Parameter(torch.ones(1)) if has_ve else None
         self.xsa = xsa
@@ -431,12 +488,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim, mult):
+    def __init__(self, dim, mult, act):
         super().__init__()
-        self.fc, self.proj = QLinear(dim, mult * dim), QLinear(mult * dim, dim, out_proj=True)
+        self.fc, self.proj = QLinear(dim, mult * dim), QLinear(mult * dim, dim, init="zero")
+        self.slope = 0.5 if act == "leaky2" else 0.0
 
     def forward(self, x):
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
 
 
 class Block(nn.Module):
@@ -445,48 +503,57 @@ class Block(nn.Module):
         dim = hp["MODEL_DIM"]
         self.attn = Attention(dim, hp["NUM_HEADS"], hp["NUM_KV_HEADS"], hp["QK_GAIN_INIT"],
                               i >= hp["NUM_LAYERS"] - hp["XSA_LAST_N"], has_ve)
-        self.mlp = MLP(dim, hp["MLP_MULT"])
+        self.mlp = MLP(dim, hp["MLP_MULT"], hp["MLP_ACT"])
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of x and the embedding x0
         self.ln = 1.0 / math.sqrt(i + 1) if hp["LN_SCALE"] else 1.0
+        self.parallel = 0 <= hp["PARALLEL_FROM"] <= i
 
     def forward(self, x, x0, cos, sin, ve):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve)
+        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve)
+        if self.parallel:  # GPT-J form: attention and MLP both read x
+            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
+        x = x + a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
 
 
 def bigram_buckets(ids: Tensor, buckets: int) -> Tensor:
-    """Hash of (previous, current) token into buckets-1 bins; position 0 gets the reserved last bucket."""
-    prev = F.pad(ids[:, :-1], (1, 0))
-    h = (prev * 1000003) ^ (ids * 8191)
-    h = torch.remainder(h, buckets - 1)
-    h[:, 0] = buckets - 1
-    return h
+    """Hash of (previous, current) token into buckets-1 bins (the 1.1233 record's: int32 products, wrapping);
+    position 0 gets the reserved last bucket."""
+    t = ids.to(torch.int32)
+    h = torch.remainder(torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]), buckets - 1)
+    return F.pad(h, (1, 0), value=buckets - 1).long()
 
 
 class GPT(nn.Module):
     def __init__(self, hp: dict):
         super().__init__()
-        self.hp = {k: hp[k] for k in ARCH_KEYS}
+        # LOOP_ACTIVE: extra passes switched on (by the schedule in training; the artifact records the final count)
+        self.hp = {k: hp[k] for k in ARCH_KEYS} | {"LOOP_ACTIVE": hp.get("LOOP_ACTIVE", 0)}
         V, dim, L = hp["VOCAB_SIZE"], hp["MODEL_DIM"], hp["NUM_LAYERS"]
         kv_dim = hp["NUM_KV_HEADS"] * (dim // hp["NUM_HEADS"])
         self.tok_emb = QEmbedding(V, dim, std=0.005, bits=16 if hp.get("EMBED_FP16") else 8)  # absent in artifacts
         self.bigram = self.bigram_proj = self.bigram_scale = None
         if hp["BIGRAM_VOCAB_SIZE"]:
             self.bigram = QEmbedding(hp["BIGRAM_VOCAB_SIZE"], hp["BIGRAM_DIM"], std=0.0)
-            self.bigram_proj = QLinear(hp["BIGRAM_DIM"], dim)
+            self.bigram_proj = QLinear(hp["BIGRAM_DIM"], dim, init="ortho_scaled")
             self.bigram_scale = nn.Parameter(torch.tensor(0.05))
         self.smear = nn.Parameter(torch.zeros(dim)) if hp["SMEAR_GATE"] else None
         self.ve_layers = ve_layers(hp)
-        self.ve = self.ve_proj = None
-        if self.ve_layers:
-            self.ve = QEmbedding(V, hp["VE_DIM"], std=0.005)
-            self.ve_proj = QLinear(hp["VE_DIM"], kv_dim, zero_init=True)
+        self.ve = self.ve_proj = self.ve_shared_scale = None
+        if self.ve_layers:  # one table for all VE layers: v += layer scale * shared scale * proj(table[ids])
+            self.ve = QEmbedding(V, hp["VE_DIM"], std=0.01)
+            self.ve_proj = QLinear(hp["VE_DIM"], kv_dim, init="ortho_scaled")
+            self.ve_shared_scale = nn.Parameter(torch.tensor(0.1))
         self.blocks = nn.ModuleList(Block(hp, i, i in self.ve_layers) for i in range(L))
-        self.n_enc = L // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), dim))
+        loop = loop_layers(hp)
+        self.orders = [list(range(loop[0] if loop else L)) + loop * (1 + r) + list(range(loop[-1] + 1 if loop else L, L))
+                       for r in range(hp["LOOP_REPEATS"] + 1 if loop else 1)]  # block order with r extra passes
+        n_skip = len(self.orders[-1]) // 2
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, dim)) if hp["SKIP_GATES"] else None
         self.final_norm = RMSNorm()  # a module, so GPTQ calibration can hook the tied output layer's input
         self._init(L)
 
@@ -496,13 +563,13 @@ class GPT(nn.Module):
             if isinstance(m, QEmbedding):
                 nn.init.normal_(m.weight, std=m.std) if m.std else nn.init.zeros_(m.weight)
             elif isinstance(m, QLinear):
-                if m.zero_init:
+                if m.init == "zero":  # block output projections: every block starts as the identity
                     nn.init.zeros_(m.weight)
                 elif min(m.weight.shape) >= 64:
                     nn.init.orthogonal_(m.weight)
                 else:
                     nn.init.normal_(m.weight, std=m.weight.size(1) ** -0.5)
-                if m.out_proj:
+                if m.init == "ortho_scaled":
                     m.weight.mul_(1.0 / math.sqrt(2 * L))
 
     def set_qat(self, hp: dict | None) -> None:
@@ -531,20 +598,22 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram_scale.to(x.dtype) * self.bigram_proj(self.bigram(bigram_buckets(ids, self.bigram.weight.size(0))))
         x = rms_norm(x)
-        if self.smear is not None:  # x_t <- (1 - g) x_t + g x_{t-1}
+        if self.smear is not None:  # x_t <- (1 - g) x_t + g x_{t-1}; a document's BOS takes nothing from the previous one
             g = torch.sigmoid(self.smear.to(x.dtype))
-            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+            x = (1 - g) * x + g * F.pad(x[:, :-1] * (ids[:, 1:, None] != BOS_ID), (0, 0, 1, 0))
         x0 = x
-        ve = self.ve_proj(self.ve(ids)) if self.ve is not None else None
+        ve = self.ve_shared_scale.to(x.dtype) * self.ve_proj(self.ve(ids)) if self.ve is not None else None
         hd = self.hp["MODEL_DIM"] // self.hp["NUM_HEADS"]
         cos, sin = rope_tables(T, self.hp["ROPE_DIMS"] or hd, self.hp["ROPE_BASE"], self.hp["TRAIN_SEQ_LEN"], ids.device)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            j = i - self.n_enc
-            if 0 <= j < self.skip_weights.size(0):
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin, ve if i in self.ve_layers else None)
-            if i < self.n_enc:
+        order = self.orders[self.hp["LOOP_ACTIVE"]]  # U-Net over the virtual layers: the first half feeds skips to the second
+        n_enc, skips = len(order) // 2, []
+        for k, i in enumerate(order):
+            j = k - n_enc
+            if 0 <= j < self.skip_weights.size(0) and skips:
+                s = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
+            x = self.blocks[i](x, x0, cos, sin, ve if i in self.ve_layers else None)
+            if k < n_enc:
                 skips.append(x)
         logits = F.linear(self.final_norm(x), w_emb.to(x.dtype)).float()
         cap = self.hp["LOGIT_SOFTCAP"]
@@ -554,15 +623,23 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- optimizer
-def newton_schulz(g: Tensor, steps: int) -> Tensor:
-    """Approximate orthogonalization (U V^T of g's SVD) with a quintic Newton-Schulz iteration."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),  # Amsel et al. 2025, 5 iterations,
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),  # safety factor 1.02; later iterations
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),  # reuse the last triple
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def newton_schulz(g: Tensor, steps: int, kind: str = "quintic") -> Tensor:
+    """Approximate orthogonalization (U V^T of g's SVD) with a quintic Newton-Schulz iteration: one fixed
+    coefficient triple (quintic), or Polar Express's triple per iteration (polar)."""
+    coeffs = [(3.4445, -4.7750, 2.0315)] * steps if kind == "quintic" else [POLAR_EXPRESS[min(i, 4)] for i in range(steps)]
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    x = x / (x.norm() + 1e-7)
+    x = x / (x.norm() * (1.02 if kind == "polar" else 1.0) + 1e-7)
     wide = x.size(0) > x.size(1)
     if wide:
         x = x.T
-    for _ in range(steps):
+    for a, b, c in coeffs:
         m = x @ x.T
         x = a * x + (b * m + c * m @ m) @ x
     return x.T if wide else x
@@ -573,8 +650,8 @@ class Muon(torch.optim.Optimizer):
     Rank r orthogonalizes matrices r, r+W, ...; the updates meet in one all-reduce of a flat buffer in which every
     slot is written by exactly one rank (x + 0 + ... = x), so every rank applies bit-identical updates."""
 
-    def __init__(self, params, lr, momentum, steps, wd, rank=0, world=1):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd))
+    def __init__(self, params, lr, momentum, steps, wd, rank=0, world=1, ns="quintic", row_norm=False):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd, ns=ns, row_norm=row_norm))
         self.rank, self.world = rank, world
 
     def _flat(self, group):
@@ -603,7 +680,9 @@ class Muon(torch.optim.Optimizer):
             nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
             flat.zero_()
             for i, g in zip(range(self.rank, len(ps), self.world), nesterov):
-                views[i].copy_(newton_schulz(g, group["steps"]) * max(1.0, g.size(0) / g.size(1)) ** 0.5)
+                if group["row_norm"]:  # MuonEq-R
+                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                views[i].copy_(newton_schulz(g, group["steps"], group["ns"]) * max(1.0, g.size(0) / g.size(1)) ** 0.5)
             if self.world > 1:
                 dist.all_reduce(flat)
             if full is not flat:
@@ -618,10 +697,11 @@ def build_optimizers(model: GPT, hp, rank, world):
     tables = [m.weight for m in model.modules() if type(m) is QEmbedding]
     seen = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in seen]
-    muon = Muon(matrices, hp["MATRIX_LR"], hp["MUON_MOMENTUM"], hp["MUON_BACKEND_STEPS"], hp["MUON_WD"], rank, world)
-    adam = torch.optim.AdamW([dict(params=tables, lr=hp["EMBED_LR"]), dict(params=scalars, lr=hp["SCALAR_LR"])],
-                             betas=(hp["BETA1"], hp["BETA2"]), eps=hp["ADAM_EPS"], weight_decay=hp["ADAM_WD"],
-                             foreach=True)
+    muon = Muon(matrices, hp["MATRIX_LR"], hp["MUON_MOMENTUM"], hp["MUON_BACKEND_STEPS"], hp["MUON_WD"], rank, world,
+                hp["MUON_NS"], bool(hp["MUON_ROW_NORM"]))
+    adam = torch.optim.AdamW([dict(params=tables, lr=hp["EMBED_LR"], weight_decay=hp["EMBED_WD"]),
+                              dict(params=scalars, lr=hp["SCALAR_LR"], weight_decay=hp["ADAM_WD"])],
+                             betas=(hp["BETA1"], hp["BETA2"]), eps=hp["ADAM_EPS"], foreach=True)
     for opt in (muon, adam):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
@@ -675,7 +755,7 @@ def fake_quant(w: Tensor, bits: int, spec: tuple[str, list[float]], on: Tensor) 
     return torch.where(on, w + (dq - w).detach(), w)
 
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 1  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 2  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
 
 
 def quant_bits(model: GPT) -> dict[str, int]:
@@ -1043,17 +1123,24 @@ def train_cap_ms(hp) -> float:
     return 1000 * (hp["MAX_WALLCLOCK_SECONDS"] - reserve) if hp["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
 
 
-def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
-    """1, then a linear warmdown to 0 over the last WARMDOWN_ITERS steps; with a wall-clock cap the warmdown is
-    measured in time: remaining / (WARMDOWN_ITERS * mean step time)."""
-    wd = hp["WARMDOWN_ITERS"]
-    if wd <= 0:
-        return 1.0
-    mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
+def budget_frac(hp, step: int, elapsed_ms: float) -> float:
+    """Fraction of the training budget used: of ITERATIONS, or of the wall-clock cap if that comes first."""
     cap_ms = train_cap_ms(hp)
-    if cap_ms > 0 and step > 0 and elapsed_ms > 0:
-        mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
-    return mult
+    return max(step / hp["ITERATIONS"], elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
+
+
+def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
+    """1, then a linear warmdown towards 0 (floored at MIN_LR): over the last WARMDOWN_FRAC of the budget, or else
+    over the last WARMDOWN_ITERS steps, measured in time with a wall-clock cap: remaining / (N * mean step time)."""
+    wd, mult = hp["WARMDOWN_ITERS"], 1.0
+    if hp["WARMDOWN_FRAC"] > 0:
+        mult = min(1.0, (1.0 - budget_frac(hp, step, elapsed_ms)) / hp["WARMDOWN_FRAC"])
+    elif wd > 0:
+        mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
+        cap_ms = train_cap_ms(hp)
+        if cap_ms > 0 and step > 0 and elapsed_ms > 0:
+            mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
+    return max(mult, hp["MIN_LR"])
 
 
 def load_artifact_model(path: str, device) -> tuple[GPT, dict, int]:
@@ -1163,7 +1250,9 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     log(f"features: attention:{attn_backend} compile:{'on' if use_compile else 'off'} xsa_layers:{xsa} "
         f"ve_layers:{model.ve_layers} rope_dims:{hp['ROPE_DIMS'] or 'all'} ln_scale:{hp['LN_SCALE']} smear_gate:{hp['SMEAR_GATE']} "
         f"bigram:{hp['BIGRAM_VOCAB_SIZE']}x{hp['BIGRAM_DIM'] if hp['BIGRAM_VOCAB_SIZE'] else 0} ema:{hp['EMA_DECAY']} "
-        f"qat_threshold:{hp['QAT_THRESHOLD']} clips:{hp['QUANT_CLIPS']}")
+        f"qat_threshold:{hp['QAT_THRESHOLD']} clips:{hp['QUANT_CLIPS']} mlp_act:{hp['MLP_ACT']} skip_gates:{hp['SKIP_GATES']} "
+        f"parallel_from:{hp['PARALLEL_FROM']} loop:{hp['LOOP_LAYERS'] or 'off'}x{hp['LOOP_REPEATS']}@{hp['LOOP_START']} "
+        f"layers_per_pass:{[len(o) for o in model.orders]}")
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
                                               broadcast_buffers=False) if world > 1 else fwd
@@ -1196,13 +1285,16 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
             opt.zero_grad(set_to_none=True)
         return total / accum, mult
 
-    # warm-up steps compile and warm every kernel (QAT branch included), then everything is reset
+    # warm-up steps compile and warm every kernel (QAT branch and every loop depth included), then everything is reset
+    starts = loop_starts(hp)
     if hp["WARMUP_STEPS"]:
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         loader = DistributedTokenLoader(files, rank, world, device)
         for s in range(hp["WARMUP_STEPS"]):
             model.qat_switch(qat and s >= hp["WARMUP_STEPS"] // 2)
+            model.hp["LOOP_ACTIVE"] = s % len(model.orders)
             step_fn(loader, 0, 0.0)
+        model.hp["LOOP_ACTIVE"] = 0
         model.load_state_dict(initial)
         for opt in opts:
             opt.state.clear()
@@ -1213,7 +1305,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
         log("late_qat:enabled step:0 lr_mult:1.000")
     ema = [p.detach().clone() for p in params] if hp["EMA_DECAY"] > 0 else None
     loader = DistributedTokenLoader(files, rank, world, device)
-    step, train_ms, elapsed, forecast_done = 0, 0.0, 0.0, False
+    step, train_ms, elapsed, forecast_done, last_ms, loop_log = 0, 0.0, 0.0, False, 0.0, 0
     stats = torch.zeros(3, dtype=torch.float64, device=device)
     bar = progress(hp["ITERATIONS"], "train", rank)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -1230,6 +1322,15 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
         elapsed, mean_loss, bad = (stats / world).tolist() if world > 1 else stats.tolist()
         if bad:
             raise UserError(f"non-finite training loss at step {step}; lower the learning rates or check the data")
+        if loop_log:  # the step time right after a loop switch: no recompile stall if warm-up compiled every depth
+            log(f"layer_loop: first_step_ms:{elapsed - last_ms:.1f} previous_step_ms:{loop_log:.1f}")
+            loop_log = 0
+        frac = budget_frac(hp, step, elapsed)
+        loops = sum(frac >= a for a in starts)
+        if loops != model.hp["LOOP_ACTIVE"]:
+            model.hp["LOOP_ACTIVE"], loop_log = loops, elapsed - last_ms
+            log(f"layer_loop:enabled passes:{loops} step:{step} frac:{frac:.3f} layers:{len(model.orders[loops])}")
+        last_ms = elapsed
         if qat and not qat_on and mult < hp["QAT_THRESHOLD"]:
             qat_on = True
             model.qat_switch(True)

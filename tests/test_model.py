@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import train_gpt as T
 
 RECORD_PARAMS = 26_993_756  # the public 1.1233 record's count (DESIGN §4)
+FRONTIER_PARAMS = 35_943_512  # the public 1.0835 record's (2026-04-06, sp8192)
 
 
 def hp(**kw):
@@ -16,11 +17,11 @@ def hp(**kw):
     return h
 
 
-def test_default_parameter_count_matches_the_record():
+@pytest.mark.parametrize("env,count", [({}, RECORD_PARAMS), ({"PRESET": "frontier", "VOCAB_SIZE": "8192"}, FRONTIER_PARAMS)])
+def test_parameter_count_matches_the_published_model(env, count):
     with torch.device("meta"):
-        model = T.GPT(T.parse_hparams({}))
-    n = sum(p.numel() for p in model.parameters())
-    assert abs(n - RECORD_PARAMS) / RECORD_PARAMS < 0.01, n
+        model = T.GPT(T.parse_hparams(env))
+    assert sum(p.numel() for p in model.parameters()) == count
 
 
 def test_xsa_output_is_orthogonal_to_own_value():
@@ -95,7 +96,7 @@ def test_ln_scale_multiplies_block_input_norm():
 @pytest.mark.parametrize("off,gone", [
     (dict(SMEAR_GATE=0), ["smear"]),
     (dict(BIGRAM_VOCAB_SIZE=0), ["bigram"]),
-    (dict(VE_LAYERS=""), ["ve.", "ve_proj", "ve_scale"]),
+    (dict(VE_LAYERS=""), ["ve.", "ve_proj", "ve_scale", "ve_shared_scale"]),
 ])
 def test_disabled_feature_leaves_no_parameters(off, gone):
     on_names = [n for n, _ in T.GPT(hp()).named_parameters()]
@@ -108,17 +109,23 @@ def test_xsa_layers_and_ve_layers_placement():
     m = T.GPT(T.parse_hparams({"NUM_LAYERS": "11"}) | {"MODEL_DIM": 64, "NUM_HEADS": 4, "NUM_KV_HEADS": 2, "VE_DIM": 16, "BIGRAM_DIM": 16})
     assert [i for i, b in enumerate(m.blocks) if b.attn.xsa] == [7, 8, 9, 10]
     assert m.ve_layers == [9, 10] and [i for i, b in enumerate(m.blocks) if b.attn.ve_scale is not None] == [9, 10]
-    assert m.n_enc == 5 and m.skip_weights.shape[0] == 5
+    assert m.orders == [list(range(11))] and m.skip_weights.shape[0] == 5
 
 
-def test_init_orthogonal_scaled_and_zero():
-    m = T.GPT(hp())
+def test_init_matches_the_record():
+    """The 1.1233 record's init: orthogonal matrices; block output projections zero (every block starts as the
+    identity); the bigram and value-embedding projections orthogonal x 1/sqrt(2 layers); bigram table zero, value
+    table std 0.01 behind a shared scale 0.1; tied embedding std 0.005."""
+    m = T.GPT(hp(BIGRAM_DIM=64, VE_DIM=64) | {"NUM_KV_HEADS": 4})
     q = m.blocks[0].attn.q.weight
     torch.testing.assert_close(q @ q.T, torch.eye(64), atol=1e-5, rtol=0)
-    o = m.blocks[0].attn.o.weight * math.sqrt(2 * 4)
-    torch.testing.assert_close(o @ o.T, torch.eye(64), atol=1e-5, rtol=0)
-    assert m.ve_proj.weight.abs().max() == 0 and m.bigram.weight.abs().max() == 0
-    assert abs(m.tok_emb.weight.std().item() - 0.005) < 5e-4
+    for b in m.blocks:
+        assert b.attn.o.weight.abs().max() == 0 and b.mlp.proj.weight.abs().max() == 0
+    for proj in (m.bigram_proj.weight, m.ve_proj.weight):
+        w = proj * math.sqrt(2 * 4)
+        torch.testing.assert_close(w.T @ w, torch.eye(64), atol=1e-5, rtol=0)
+    assert m.bigram.weight.abs().max() == 0 and m.ve_shared_scale.item() == pytest.approx(0.1)
+    assert abs(m.ve.weight.std().item() - 0.01) < 1e-3 and abs(m.tok_emb.weight.std().item() - 0.005) < 5e-4
 
 
 def test_ema_matches_closed_form():

@@ -30,13 +30,15 @@ def test_smoke_prints_every_final_line_once(smoke):
         assert any(l.startswith(f"{name.lower()}:") for l in lines), name
 
 
-def test_two_processes_match_one(sample_data, tmp_path):
+@pytest.mark.parametrize("preset", list(T.PRESETS))
+def test_two_processes_match_one(preset, sample_data, tmp_path):
     """Same global batch on 1 and 2 gloo ranks. With one thread per process (as torchrun sets) every micro-batch runs
     the same kernels, g1/2 + g2/2 == (g1 + g2)/2 exactly, and the Muon all-reduce adds only zeros to each slot, so
     the weights must be bit-identical: any slip in the distributed optimizer or loader shows. GPTQ's Hessians (one
-    per micro-batch slot, a midpoint tree, one all-reduce) and so the artifacts must be bit-identical too."""
-    env = dict(ITERATIONS=12, WARMDOWN_ITERS=6, EVAL_STRIDE=0, VAL_MAX_TOKENS=16384, EMA_DECAY=0.8, OMP_NUM_THREADS=1,
-               QUANT_METHOD="gptq", GPTQ_CALIB_BATCHES=3)
+    per micro-batch slot, a midpoint tree, one all-reduce) and so the artifacts must be bit-identical too. Every
+    preset (frontier: its loops switch on mid-run), and EVAL_ONLY on the artifact gives the same round trip."""
+    env = dict(PRESET=preset, ITERATIONS=12, WARMDOWN_ITERS=6, EVAL_STRIDE=0, VAL_MAX_TOKENS=16384, EMA_DECAY=0.8,
+               OMP_NUM_THREADS=1, QUANT_METHOD="gptq", GPTQ_CALIB_BATCHES=3)
     one, two = tmp_path / "one", tmp_path / "two"
     rc1, _, err1, log1 = run_script(env | {"LOG_DIR": one}, one, script="tests/dist_worker.py")
     rc2, _, err2, log2 = run_script(env | {"LOG_DIR": two}, two, nproc=2, script="tests/dist_worker.py")
@@ -54,6 +56,12 @@ def test_two_processes_match_one(sample_data, tmp_path):
         assert torch.equal(h20[k], h21[k]) and torch.equal(h20[k], h1[k]), f"Hessian {k} differs"
     assert (one / "run.ptz").read_bytes() == (two / "run.ptz").read_bytes(), "artifacts differ"
     assert metric(log1, "final_roundtrip_exact") == metric(log2, "final_roundtrip_exact")
+    if preset == "frontier":
+        assert "layer_loop:enabled passes:2" in log1 and T.unpack_artifact((one / "run.ptz").read_bytes())[0]["config"]["LOOP_ACTIVE"] == 2
+    rc, _, err, log3 = run_script({"EVAL_ONLY": 1, "ARTIFACT": one / "run.ptz", "RUN_ID": "eval", "VAL_MAX_TOKENS": 16384,
+                                   "EVAL_STRIDE": 0}, tmp_path / "eval")
+    assert rc == 0, err[-2000:]
+    assert metric(log3, "final_roundtrip_exact") == metric(log1, "final_roundtrip_exact")
 
 
 def test_two_processes_give_bit_identical_hessians_with_several_slots_per_rank(sample_data, tmp_path):
