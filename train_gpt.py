@@ -1195,7 +1195,7 @@ def restore_checkpoint(ck: dict, model: GPT, opts, ema, loader) -> tuple[int, fl
     s.idx, s.pos = ck["loader"]
     s.tokens = load_data_shard(s.files[s.idx])
     torch.set_rng_state(ck["rng"])
-    if ck["cuda_rng"] is not None:
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ck["cuda_rng"])
     return ck["step"], ck["elapsed_ms"], ck["switches"]
 
@@ -1297,7 +1297,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     log(f"features: attention:{attn_backend} compile:{'on' if use_compile else 'off'} xsa_layers:{xsa} "
         f"ve_layers:{model.ve_layers} rope_dims:{hp['ROPE_DIMS'] or 'all'} ln_scale:{hp['LN_SCALE']} smear_gate:{hp['SMEAR_GATE']} "
         f"bigram:{hp['BIGRAM_VOCAB_SIZE']}x{hp['BIGRAM_DIM'] if hp['BIGRAM_VOCAB_SIZE'] else 0} ema:{hp['EMA_DECAY']} "
-        f"qat_threshold:{hp['QAT_THRESHOLD']} clips:{hp['QUANT_CLIPS']} autocast:{amp or 'off'}")
+        f"qat_threshold:{hp['QAT_THRESHOLD']} clips:{hp['QUANT_CLIPS']} autocast:{'bf16' if amp else 'off'}")
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
                                               broadcast_buffers=False) if world > 1 else fwd
@@ -1407,6 +1407,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
             log(f"step:{step}/{hp['ITERATIONS']} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{elapsed:.0f}ms "
                 f"eval_time:{1000 * (time.perf_counter() - t_val):.0f}ms")
             t0 = time.perf_counter()
+        stopped = stopped and not done  # a signal at the last step: training is complete, go on
         if stopped or not done and (ck_steps and step % ck_steps == 0 or ck_secs and elapsed - ck_last >= 1000 * ck_secs):
             ck_last = elapsed  # checkpoint time counts as training time: it is wall clock inside the loop
             save_checkpoint(ck_path, ck_config, model, opts, ema, loader, step, elapsed, dict(qat=qat_on, forecast=forecast_done),
