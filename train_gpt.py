@@ -11,12 +11,15 @@ import contextlib
 import datetime
 import glob
 import hashlib
+import io
 import json
 import math
 import os
 import platform
+import signal
 import struct
 import sys
+import threading
 import time
 import uuid
 
@@ -47,6 +50,9 @@ HPARAMS = [
     ("EVAL_ONLY", 0, "1: load ARTIFACT and evaluate it, no training"),
     ("SEED", 1337, "random seed"),
     ("COMPILE", -1, "torch.compile the model: 1 on, 0 off, -1 on for CUDA only"),
+    ("AUTOCAST", "auto", "bf16: autocast, Newton-Schulz and its all-reduce in bf16 (the GPU path, also on CPU); off: fp32; auto: bf16 on CUDA only"),
+    ("CHECKPOINT_EVERY", "600s", "write LOG_DIR/RUN_ID.ckpt every N steps, or every N seconds of training with a trailing s (0 = only on SIGTERM/SIGINT)"),
+    ("RESUME", "", "auto: continue from LOG_DIR/RUN_ID.ckpt if present (needs RUN_ID); or a checkpoint path; '' = start at step 0"),
     # model
     ("VOCAB_SIZE", 1024, "vocabulary size; unless set, it follows the tokenizer at TOKENIZER_PATH"),
     ("NUM_LAYERS", 11, "transformer blocks"),
@@ -199,6 +205,9 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hp["QUANT_METHOD"] in ("rtn", "gptq"), f"QUANT_METHOD={hp['QUANT_METHOD']!r} must be rtn or gptq")
     need(hp["QUANT_SCALE"] in ("search", "sdclip"), f"QUANT_SCALE={hp['QUANT_SCALE']!r} must be search or sdclip")
     need(hp["SDCLIP_K"] > 0 and hp["SDCLIP_K_EMBED"] > 0, "SDCLIP_K and SDCLIP_K_EMBED must be positive")
+    need(hp["AUTOCAST"] in ("auto", "bf16", "off"), f"AUTOCAST={hp['AUTOCAST']!r} must be auto, bf16 or off")
+    checkpoint_every(hp)
+    need(hp["RESUME"] != "auto" or hp["RUN_ID"], "RESUME=auto needs RUN_ID=name: it resumes LOG_DIR/RUN_ID.ckpt")
     need(hp["GPTQ_CALIB_BATCHES"] > 0 and hp["GPTQ_RESERVE_SECONDS"] >= 0 and hp["GPTQ_DAMP"] > 0,
          "GPTQ_CALIB_BATCHES and GPTQ_DAMP must be positive, GPTQ_RESERVE_SECONDS non-negative")
     if hp["EVAL_ONLY"]:
@@ -213,6 +222,18 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hp["TRAIN_BATCH_TOKENS"] % (mb * L) == 0,
          f"TRAIN_BATCH_TOKENS={hp['TRAIN_BATCH_TOKENS']} is not divisible by MICRO_BATCHES {mb} x TRAIN_SEQ_LEN {L}")
     need(hp["ITERATIONS"] > 0 and hp["WARMUP_STEPS"] >= 0 and hp["WARMDOWN_ITERS"] >= 0, "ITERATIONS must be positive, WARMUP_STEPS and WARMDOWN_ITERS non-negative")
+
+
+def checkpoint_every(hp) -> tuple[int, float]:
+    """CHECKPOINT_EVERY as (steps, seconds), one of them 0."""
+    s = str(hp["CHECKPOINT_EVERY"]).strip()
+    try:
+        n = float(s[:-1]) if s.endswith("s") else int(s)
+    except ValueError:
+        n = -1
+    if not 0 <= n < math.inf:
+        raise UserError(f"CHECKPOINT_EVERY={s!r} must be a step count (500), seconds (600s) or 0")
+    return (0, n) if s.endswith("s") else (n, 0.0)
 
 
 def eval_len(hp):
@@ -630,11 +651,11 @@ POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),  #
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
 
 
-def newton_schulz(g: Tensor, steps: int, kind: str = "quintic") -> Tensor:
-    """Approximate orthogonalization (U V^T of g's SVD) with a quintic Newton-Schulz iteration: one fixed
+def newton_schulz(g: Tensor, steps: int, kind: str = "quintic", dtype=torch.float32) -> Tensor:
+    """Approximate orthogonalization (U V^T of g's SVD) with a quintic Newton-Schulz iteration in `dtype`: one fixed
     coefficient triple (quintic), or Polar Express's triple per iteration (polar)."""
     coeffs = [(3.4445, -4.7750, 2.0315)] * steps if kind == "quintic" else [POLAR_EXPRESS[min(i, 4)] for i in range(steps)]
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(dtype)
     x = x / (x.norm() * (1.02 if kind == "polar" else 1.0) + 1e-7)
     wide = x.size(0) > x.size(1)
     if wide:
@@ -650,16 +671,15 @@ class Muon(torch.optim.Optimizer):
     Rank r orthogonalizes matrices r, r+W, ...; the updates meet in one all-reduce of a flat buffer in which every
     slot is written by exactly one rank (x + 0 + ... = x), so every rank applies bit-identical updates."""
 
-    def __init__(self, params, lr, momentum, steps, wd, rank=0, world=1, ns="quintic", row_norm=False):
+    def __init__(self, params, lr, momentum, steps, wd, rank=0, world=1, ns="quintic", row_norm=False, dtype=torch.float32):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd, ns=ns, row_norm=row_norm))
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.dtype = rank, world, dtype  # dtype: Newton-Schulz and the all-reduced buffer
 
     def _flat(self, group):
         """One update buffer per group (NS dtype, all-reduced) and its fp32 views per parameter, built once."""
         if "flat" not in group:
             ps = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in ps), dtype=torch.bfloat16 if ps[0].is_cuda else torch.float32,
-                               device=ps[0].device)
+            flat = torch.zeros(sum(p.numel() for p in ps), dtype=self.dtype, device=ps[0].device)
             full = flat if flat.dtype == ps[0].dtype else torch.zeros_like(flat, dtype=ps[0].dtype)
             offs = np.cumsum([0] + [p.numel() for p in ps]).tolist()
             group["flat"], group["full"] = flat, full
@@ -682,7 +702,7 @@ class Muon(torch.optim.Optimizer):
             for i, g in zip(range(self.rank, len(ps), self.world), nesterov):
                 if group["row_norm"]:  # MuonEq-R
                     g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                views[i].copy_(newton_schulz(g, group["steps"], group["ns"]) * max(1.0, g.size(0) / g.size(1)) ** 0.5)
+                views[i].copy_(newton_schulz(g, group["steps"], group["ns"], self.dtype) * max(1.0, g.size(0) / g.size(1)) ** 0.5)
             if self.world > 1:
                 dist.all_reduce(flat)
             if full is not flat:
@@ -698,7 +718,7 @@ def build_optimizers(model: GPT, hp, rank, world):
     seen = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in seen]
     muon = Muon(matrices, hp["MATRIX_LR"], hp["MUON_MOMENTUM"], hp["MUON_BACKEND_STEPS"], hp["MUON_WD"], rank, world,
-                hp["MUON_NS"], bool(hp["MUON_ROW_NORM"]))
+                hp["MUON_NS"], bool(hp["MUON_ROW_NORM"]), amp_dtype(hp, matrices[0].device) or torch.float32)
     adam = torch.optim.AdamW([dict(params=tables, lr=hp["EMBED_LR"], weight_decay=hp["EMBED_WD"]),
                               dict(params=scalars, lr=hp["SCALAR_LR"], weight_decay=hp["ADAM_WD"])],
                              betas=(hp["BETA1"], hp["BETA2"]), eps=hp["ADAM_EPS"], foreach=True)
@@ -1030,8 +1050,13 @@ def window_plan(n_tokens: int, L: int, stride: int) -> tuple[Tensor, Tensor]:
     return starts, score
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def amp_dtype(hp, device) -> torch.dtype | None:
+    """AUTOCAST as the mixed-precision dtype (None = fp32)."""
+    return torch.bfloat16 if hp["AUTOCAST"] == "bf16" or hp["AUTOCAST"] == "auto" and device.type == "cuda" else None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def progress(total, desc, rank):
@@ -1040,7 +1065,8 @@ def progress(total, desc, rank):
 
 
 @torch.no_grad()
-def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval") -> Tensor:
+def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval",
+              amp=None) -> Tensor:
     """This rank's float64 sums (nll, bytes, tokens) over its contiguous share of the windows, `batch` windows per
     forward pass; the last batch is padded with fully masked windows, so shapes never change."""
     device = val.device
@@ -1058,7 +1084,7 @@ def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank:
             s, k = F.pad(s, (0, batch - n)), F.pad(k, (0, batch - n))
         tok = val[s[:, None] + offs].long()
         x, y = tok[:, :-1], tok[:, 1:]
-        with autocast(device):
+        with autocast(device, amp):
             nll = forward(x, y)
         mask = pos[None, :] >= (L - k)[:, None]
         nbytes = base[y] + (lead[y] & ~bound[x])  # x holds each target's previous token
@@ -1068,9 +1094,10 @@ def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank:
     return sums
 
 
-def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval") -> tuple[float, float, int]:
-    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together."""
-    sums = eval_sums(forward, val, luts, L, stride, batch, rank, world, desc)
+def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval", amp=None) -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together; amp: the
+    autocast dtype (None = fp32)."""
+    sums = eval_sums(forward, val, luts, L, stride, batch, rank, world, desc, amp)
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, byte_sum, count = sums.tolist()
@@ -1158,6 +1185,107 @@ def load_artifact_model(path: str, device) -> tuple[GPT, dict, int]:
     return model, meta, len(blob)
 
 
+# ----------------------------------------------------------------------------- checkpoints
+CKPT_MAGIC = b"PGOLFCK\x01"  # file = magic + sha256(payload) + payload (torch.save of tensors, numbers and strings)
+CKPT_FREE = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH", "COMPILE", "TRAIN_LOG_EVERY", "VAL_LOSS_EVERY",
+             "CHECKPOINT_EVERY", "RESUME")  # may change on resume (places, logging, kernels), as may the world size
+
+
+def checkpoint_config(hp, files) -> dict:
+    """What a checkpoint must share with the run that resumes it: every setting but CKPT_FREE, and the shard names."""
+    return {k: v for k, v in hp.items() if k not in CKPT_FREE} | {"train_shards": [os.path.basename(f) for f in files]}
+
+
+def write_atomic(path: str, blob: bytes, what: str) -> None:
+    """Temporary name, fsync, rename: `path` holds the previous file or the whole new one, never a part."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
+@torch.no_grad()
+def save_checkpoint(path, config, model, opts, ema, loader, step, elapsed, switches, log, rank, world) -> None:
+    """Everything that determines the rest of the run, at a step boundary. Muon keeps momentum only for the matrices
+    a rank owns: one all-reduce of a zero-filled buffer (each slot written by its owner) gives rank 0 all of it, so
+    rank 0 writes one file, and it resumes on any world size (the global batch does not depend on it)."""
+    t0, muon = time.perf_counter(), opts[0]
+    ps = [p for g in muon.param_groups for p in g["params"]]
+    mine = {id(p) for g in muon.param_groups for p in g["params"][rank::world]}
+    flat = torch.zeros(sum(p.numel() for p in ps), device=ps[0].device)
+    for v, p in zip(flat.split([p.numel() for p in ps]), ps):
+        if id(p) in mine and "m" in muon.state[p]:
+            v.copy_(muon.state[p]["m"].flatten())
+    if world > 1:
+        dist.all_reduce(flat)
+
+    def go():
+        state = dict(config=config, step=step, elapsed_ms=elapsed, switches=switches, loader=[loader.stream.idx, loader.stream.pos],
+                     rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state() if flat.is_cuda else None,
+                     model=model.state_dict(), ema=ema, muon=flat, adam=opts[1].state_dict())
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        payload = buf.getvalue()
+        write_atomic(path, CKPT_MAGIC + hashlib.sha256(payload).digest() + payload, "checkpoint")
+        log(f"checkpoint: step:{step} path:{path} bytes:{len(payload) + 40} seconds:{time.perf_counter() - t0:.3f}")
+    on_rank0(go, rank, world)
+
+
+def load_checkpoint(path: str, config: dict) -> dict:
+    """Read and verify a checkpoint (weights_only: tensors and plain values, no code); one that is truncated, altered,
+    foreign or written under other settings is refused with one line."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    n = len(CKPT_MAGIC)
+    if not blob.startswith(CKPT_MAGIC):
+        raise UserError(f"{path} is not a checkpoint written by train_gpt.py (bad magic)")
+    if hashlib.sha256(blob[n + 32:]).digest() != blob[n:n + 32]:
+        raise UserError(f"checkpoint {path} is corrupted or truncated (checksum mismatch); delete it to start over")
+    try:
+        ck = torch.load(io.BytesIO(blob[n + 32:]), map_location="cpu", weights_only=True)
+        theirs = dict(ck["config"])
+    except Exception:  # a valid checksum over something this version cannot read
+        raise UserError(f"checkpoint {path} is malformed; it was not written by this version of train_gpt.py") from None
+    diff = [f"{k}={theirs.get(k)!r} (now {config.get(k)!r})" for k in sorted(config.keys() | theirs.keys())
+            if theirs.get(k) != config.get(k)]
+    if diff:
+        raise UserError(f"checkpoint {path} was written with other settings: {', '.join(diff[:4])}; use them or another RUN_ID")
+    return ck
+
+
+@torch.no_grad()
+def restore_checkpoint(ck: dict, model: GPT, opts, ema, loader) -> tuple[int, float, dict]:
+    """Load a verified checkpoint into the live run; returns (step, training milliseconds so far, switches)."""
+    model.load_state_dict(ck["model"])
+    if ema is not None:
+        torch._foreach_copy_(ema, ck["ema"])
+    muon = opts[0]
+    ps = [p for g in muon.param_groups for p in g["params"]]
+    mine = {id(p) for g in muon.param_groups for p in g["params"][muon.rank::muon.world]}
+    for m, p in zip(ck["muon"].split([p.numel() for p in ps]), ps):
+        if id(p) in mine:
+            muon.state[p]["m"] = m.view_as(p).to(p.device, copy=True)
+    opts[1].load_state_dict(ck["adam"])
+    s = loader.stream
+    s.idx, s.pos = ck["loader"]
+    s.tokens = load_data_shard(s.files[s.idx])
+    torch.set_rng_state(ck["rng"])
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ck["cuda_rng"])
+    return ck["step"], ck["elapsed_ms"], ck["switches"]
+
+
 def main(env=None) -> dict:
     hp = parse_hparams(env)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -1169,7 +1297,12 @@ def main(env=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if distributed and not dist.is_initialized():
         # 30 min: the other ranks wait at a collective while rank 0 runs the budget fit (minutes of zstd-22)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        timeout, store = datetime.timedelta(minutes=30), None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store outlives a restart: new keys
+            store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timeout))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout, store=store, rank=rank,
+                                world_size=world)
     check_hparams(hp, world)
     use_compile = hp["COMPILE"] == 1 or (hp["COMPILE"] == -1 and device.type == "cuda")
     run_id = hp["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
@@ -1210,7 +1343,7 @@ def run(hp, log, rank, world, device, use_compile, run_id, artifact_path) -> dic
     val = val.to(device)
     luts = byte_luts(hp, device)
     L_eval = eval_len(hp)
-    result = dict(run_id=run_id, artifact=artifact_path)
+    result, amp = dict(run_id=run_id, artifact=artifact_path), amp_dtype(hp, device)
     attn_backend = "fa3" if _fa3 is not None and device.type == "cuda" else "sdpa"
     if not hp["EVAL_ONLY"]:
         model = train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, result)
@@ -1219,12 +1352,12 @@ def run(hp, log, rank, world, device, use_compile, run_id, artifact_path) -> dic
     rt, meta, size = load_artifact_model(artifact_path, device)
     fwd = eval_forward(rt, use_compile)
     t0 = time.perf_counter()
-    loss, bpb, n = evaluate(fwd, val, luts, L_eval, L_eval, hp["EVAL_BATCH_SEQS"], rank, world, "roundtrip eval")
+    loss, bpb, n = evaluate(fwd, val, luts, L_eval, L_eval, hp["EVAL_BATCH_SEQS"], rank, world, "roundtrip eval", amp)
     log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{n} eval_seconds:{time.perf_counter() - t0:.2f}")
     result.update(roundtrip_loss=loss, roundtrip_bpb=bpb, roundtrip_model=rt)
     if 0 < hp["EVAL_STRIDE"] < L_eval:
         t0 = time.perf_counter()
-        loss, bpb, n = evaluate(fwd, val, luts, L_eval, hp["EVAL_STRIDE"], hp["EVAL_BATCH_SEQS"], rank, world, "sliding eval")
+        loss, bpb, n = evaluate(fwd, val, luts, L_eval, hp["EVAL_STRIDE"], hp["EVAL_BATCH_SEQS"], rank, world, "sliding eval", amp)
         dt = time.perf_counter() - t0
         log(f"final_sliding_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp['EVAL_STRIDE']} seq_len:{L_eval} eval_seconds:{dt:.2f}")
         log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full_val} "
@@ -1244,7 +1377,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model_params:{n_params}")
     result["model_params"] = n_params
-    qat = hp["QAT_THRESHOLD"] > 0
+    qat, amp = hp["QAT_THRESHOLD"] > 0, amp_dtype(hp, device)
     model.set_qat(hp if qat else None)
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
     log(f"features: attention:{attn_backend} compile:{'on' if use_compile else 'off'} xsa_layers:{xsa} "
@@ -1252,7 +1385,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
         f"bigram:{hp['BIGRAM_VOCAB_SIZE']}x{hp['BIGRAM_DIM'] if hp['BIGRAM_VOCAB_SIZE'] else 0} ema:{hp['EMA_DECAY']} "
         f"qat_threshold:{hp['QAT_THRESHOLD']} clips:{hp['QUANT_CLIPS']} mlp_act:{hp['MLP_ACT']} skip_gates:{hp['SKIP_GATES']} "
         f"parallel_from:{hp['PARALLEL_FROM']} loop:{hp['LOOP_LAYERS'] or 'off'}x{hp['LOOP_REPEATS']}@{hp['LOOP_START']} "
-        f"layers_per_pass:{[len(o) for o in model.orders]}")
+        f"layers_per_pass:{[len(o) for o in model.orders]} autocast:{'bf16' if amp else 'off'}")
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
                                               broadcast_buffers=False) if world > 1 else fwd
@@ -1262,6 +1395,12 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     files = shard_files(hp, "train")
     log(f"train_shards:{len(files)} val_tokens:{len(val)} world_size:{world} grad_accum_steps:{accum} "
         f"micro_batch_seqs:{B // L // world // accum}")
+    ck_steps, ck_secs = checkpoint_every(hp)
+    ck_path, ck_config = os.path.join(hp["LOG_DIR"], f"{result['run_id']}.ckpt"), checkpoint_config(hp, files)
+    resume = ck_path if hp["RESUME"] == "auto" else hp["RESUME"]
+    ck = load_checkpoint(resume, ck_config) if resume and (resume != ck_path or os.path.exists(ck_path)) else None
+    if resume and ck is None:
+        log(f"resume: no checkpoint at {resume}, starting at step 0")
 
     def step_fn(loader, step, elapsed_ms):
         mult = lr_multiplier(hp, step, elapsed_ms)
@@ -1274,7 +1413,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
         total = torch.zeros((), device=device)
         for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
             sync = ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext()
-            with sync, autocast(device):
+            with sync, autocast(device, amp):
                 loss = ddp(xm, ym)
             (loss / accum).backward()
             total += loss.detach()
@@ -1306,8 +1445,23 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     ema = [p.detach().clone() for p in params] if hp["EMA_DECAY"] > 0 else None
     loader = DistributedTokenLoader(files, rank, world, device)
     step, train_ms, elapsed, forecast_done, last_ms, loop_log = 0, 0.0, 0.0, False, 0.0, 0
-    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    if ck is not None:
+        step, train_ms, switches = restore_checkpoint(ck, model, opts, ema, loader)
+        elapsed, qat_on, forecast_done = train_ms, switches["qat"], switches["forecast"]
+        model.qat_switch(qat_on)
+        model.hp["LOOP_ACTIVE"] = switches["loops"]
+        log(f"resume: {resume} step:{step} train_time:{train_ms:.0f}ms")
+    stats = torch.zeros(4, dtype=torch.float64, device=device)
     bar = progress(hp["ITERATIONS"], "train", rank)
+    bar.update(step)
+    stop, ck_last = [], elapsed
+
+    def on_stop(sig, _):  # SIGTERM/SIGINT: checkpoint at the next step boundary (all ranks agree via stats), then exit
+        stop.append(sig)
+        signal.signal(sig, handlers[sig])  # a second one acts at once
+
+    handlers = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -1317,9 +1471,10 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
             ema_update(ema, params, hp["EMA_DECAY"])
         step += 1
         stats[0], stats[1], stats[2] = train_ms + 1000 * (time.perf_counter() - t0), loss, (~torch.isfinite(loss)).double()
+        stats[3] = float(bool(stop))
         if world > 1:
             dist.all_reduce(stats)
-        elapsed, mean_loss, bad = (stats / world).tolist() if world > 1 else stats.tolist()
+        elapsed, mean_loss, bad, stopped = (stats / world).tolist() if world > 1 else stats.tolist()
         if bad:
             raise UserError(f"non-finite training loss at step {step}; lower the learning rates or check the data")
         if loop_log:  # the step time right after a loop switch: no recompile stall if warm-up compiled every depth
@@ -1348,13 +1503,25 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
             sync()
             train_ms, t_val = elapsed, time.perf_counter()
             vl, vb, _ = evaluate(eval_forward(model, use_compile), val, luts, eval_len(hp), eval_len(hp),
-                                 hp["EVAL_BATCH_SEQS"], rank, world, "val")
+                                 hp["EVAL_BATCH_SEQS"], rank, world, "val", amp)
             model.train()
             log(f"step:{step}/{hp['ITERATIONS']} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{elapsed:.0f}ms "
                 f"eval_time:{1000 * (time.perf_counter() - t_val):.0f}ms")
             t0 = time.perf_counter()
+        stopped = stopped and not done  # a signal at the last step: training is complete, go on
+        if stopped or not done and (ck_steps and step % ck_steps == 0 or ck_secs and elapsed - ck_last >= 1000 * ck_secs):
+            ck_last = elapsed  # checkpoint time counts as training time: it is wall clock inside the loop
+            save_checkpoint(ck_path, ck_config, model, opts, ema, loader, step, elapsed, dict(qat=qat_on, forecast=forecast_done, loops=model.hp["LOOP_ACTIVE"]),
+                            log, rank, world)
+        if stopped:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            raise UserError(f"stopped by SIGTERM/SIGINT at step {step}; continue with RUN_ID={result['run_id']} RESUME=auto "
+                            f"(same settings) from {ck_path}")
         if done:
             break
+    for s, h in handlers.items():
+        signal.signal(s, h)
     bar.close()
     log(f"train_done steps:{step} train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms"
         + (f" peak_mem_gib:{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else ""))
@@ -1371,7 +1538,7 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
             + (" OVER: raise GPTQ_RESERVE_SECONDS" if 0 < limit < elapsed + ms else ""))
         result.update(hessians=hs, calib_ms=ms)
     loss, bpb, _ = evaluate(eval_forward(model, use_compile), val, luts, eval_len(hp), eval_len(hp),
-                            hp["EVAL_BATCH_SEQS"], rank, world, "pre-quant eval")
+                            hp["EVAL_BATCH_SEQS"], rank, world, "pre-quant eval", amp)
     log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     result.update(pre_quant_loss=loss, pre_quant_bpb=bpb, model=model)
     return model
@@ -1418,7 +1585,7 @@ def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: floa
             x, y = loader.next_batch(B, L)
             for j, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
                 slot[0] = j
-                with autocast(device):
+                with autocast(device, amp_dtype(hp, device)):
                     model(xm, ym)
             sync()
             batches += 1
@@ -1466,16 +1633,7 @@ def export(hp, log, rank, world, model: GPT, code_bytes: int, path: str, result:
             blob = fit_budget(entries, originals, model.hp, code_bytes, hp["SIZE_LIMIT_BYTES"], log, hp, hs)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise UserError(f"cannot write artifact {path}: {e.strerror}") from None
+        write_atomic(path, blob, "artifact")
         total = len(blob) + code_bytes
         log(f"artifact: path={path} bytes={len(blob)} export_seconds:{time.perf_counter() - t0:.1f}")
         log(f"code_bytes:{code_bytes}")

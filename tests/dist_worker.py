@@ -9,6 +9,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt  # noqa: E402
 
+if os.environ.get("COMPILE") == "1":  # one compiled graph on 1 and 2 ranks: DDP's split at its gradient buckets changes
+    import torch._dynamo  # the fusion and so the rounding (measured: 1.5e-8 in fp32, 7e-5 in bf16 after 12 steps)
+    torch._dynamo.config.optimize_ddp = False
+
 out, rank = os.environ["LOG_DIR"], int(os.environ.get("RANK", "0"))
 if os.environ.get("CALIB_ONLY") == "1":
     world = int(os.environ.get("WORLD_SIZE", "1"))

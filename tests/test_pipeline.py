@@ -30,15 +30,17 @@ def test_smoke_prints_every_final_line_once(smoke):
         assert any(l.startswith(f"{name.lower()}:") for l in lines), name
 
 
-@pytest.mark.parametrize("preset", list(T.PRESETS))
-def test_two_processes_match_one(preset, sample_data, tmp_path):
+@pytest.mark.parametrize("preset,precision", [(p, {}) for p in T.PRESETS] + [("record", {"AUTOCAST": "bf16"})],
+                         ids=list(T.PRESETS) + ["record-bf16"])
+def test_two_processes_match_one(preset, precision, sample_data, tmp_path):
     """Same global batch on 1 and 2 gloo ranks. With one thread per process (as torchrun sets) every micro-batch runs
     the same kernels, g1/2 + g2/2 == (g1 + g2)/2 exactly, and the Muon all-reduce adds only zeros to each slot, so
     the weights must be bit-identical: any slip in the distributed optimizer or loader shows. GPTQ's Hessians (one
     per micro-batch slot, a midpoint tree, one all-reduce) and so the artifacts must be bit-identical too. Every
-    preset (frontier: its loops switch on mid-run), and EVAL_ONLY on the artifact gives the same round trip."""
+    preset (frontier: its loops switch on mid-run), and EVAL_ONLY on the artifact gives the same round trip. With
+    AUTOCAST=bf16 the same holds for the GPU's dtype path: bf16 autocast, bf16 Newton-Schulz, bf16 all-reduce."""
     env = dict(PRESET=preset, ITERATIONS=12, WARMDOWN_ITERS=6, EVAL_STRIDE=0, VAL_MAX_TOKENS=16384, EMA_DECAY=0.8,
-               OMP_NUM_THREADS=1, QUANT_METHOD="gptq", GPTQ_CALIB_BATCHES=3)
+               OMP_NUM_THREADS=1, QUANT_METHOD="gptq", GPTQ_CALIB_BATCHES=3, **precision)
     one, two = tmp_path / "one", tmp_path / "two"
     rc1, _, err1, log1 = run_script(env | {"LOG_DIR": one}, one, script="tests/dist_worker.py")
     rc2, _, err2, log2 = run_script(env | {"LOG_DIR": two}, two, nproc=2, script="tests/dist_worker.py")

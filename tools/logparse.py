@@ -30,8 +30,9 @@ RECORD_SECONDS = 600.0  # training (and, separately, evaluation) budget of the r
 TRACKS = ("10min_16mb", "non_record_16mb")
 KINDS = ("pre", "roundtrip", "sliding", "ttt")  # score kinds, the submission metric is the best present of the last three
 KIND_NAMES = dict(pre="pre-quant", roundtrip="round trip", sliding="sliding window", ttt="test-time-trained")
-# Hyperparameter lines that are not part of a run's configuration: its identity, machine paths, log cadence.
-NOT_CONFIG = {"seed", "run_id", "log_dir", "artifact", "data_path", "tokenizer_path", "train_log_every", "val_loss_every"}
+# Hyperparameter lines that are not part of a run's configuration: its identity, machine paths, log and checkpoint cadence.
+NOT_CONFIG = {"seed", "run_id", "log_dir", "artifact", "data_path", "tokenizer_path", "train_log_every", "val_loss_every",
+              "checkpoint_every", "resume"}
 
 _HEAD = re.compile(rb"==== code: (.+?) code_bytes:(\d+) sha256:([0-9a-f]{64}) ====\n")
 _TAIL = b"\n==== end of code ====\n"
