@@ -61,7 +61,7 @@ def test_two_processes_match_one(preset, precision, sample_data, tmp_path):
     if preset == "frontier":
         assert "layer_loop:enabled passes:2" in log1 and T.unpack_artifact((one / "run.ptz").read_bytes())[0]["config"]["LOOP_ACTIVE"] == 2
     rc, _, err, log3 = run_script({"EVAL_ONLY": 1, "ARTIFACT": one / "run.ptz", "RUN_ID": "eval", "VAL_MAX_TOKENS": 16384,
-                                   "EVAL_STRIDE": 0}, tmp_path / "eval")
+                                   "EVAL_STRIDE": 0, **precision}, tmp_path / "eval")
     assert rc == 0, err[-2000:]
     assert metric(log3, "final_roundtrip_exact") == metric(log1, "final_roundtrip_exact")
 
