@@ -71,6 +71,7 @@ HPARAMS = [
     ("LOOP_LAYERS", "", "depth recurrence: contiguous blocks (e.g. 4,5) run LOOP_REPEATS more times with the same weights ('' = off)"),
     ("LOOP_REPEATS", 2, "extra passes through LOOP_LAYERS: more depth for no extra bytes"),
     ("LOOP_START", "0.5,0.65", "fraction of the training budget at which each extra pass switches on (one value: all at once)"),
+    ("DOC_MASK", 0, "attention (and the bigram hash) never cross a BOS: each document sees only itself, in training and evaluation"),
     # data and schedule
     ("TRAIN_SEQ_LEN", 2048, "training sequence length"),
     ("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of world size"),
@@ -123,7 +124,7 @@ HPARAMS = [
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
              "ROPE_BASE", "ROPE_DIMS", "XSA_LAST_N", "LN_SCALE", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
-             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS"]
+             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS", "DOC_MASK"]
 PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
     "record": {},
     "baseline": dict(NUM_LAYERS=9, MLP_MULT=2, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288, ROPE_DIMS=0, XSA_LAST_N=0,
@@ -189,6 +190,7 @@ def check_hparams(hp: dict, world: int) -> None:
     need(0 <= hp["XSA_LAST_N"] <= hp["NUM_LAYERS"], f"XSA_LAST_N={hp['XSA_LAST_N']} must be in 0..NUM_LAYERS")
     ve_layers(hp)
     loop_starts(hp)
+    need(hp["DOC_MASK"] in (0, 1), f"DOC_MASK={hp['DOC_MASK']} must be 0 or 1")
     need(hp["MLP_ACT"] in ("relu2", "leaky2"), f"MLP_ACT={hp['MLP_ACT']!r} must be relu2 or leaky2")
     need(-1 <= hp["PARALLEL_FROM"] < hp["NUM_LAYERS"], f"PARALLEL_FROM={hp['PARALLEL_FROM']} must be -1 (off) or a layer in 0..NUM_LAYERS-1")
     need(hp["MUON_NS"] in ("quintic", "polar"), f"MUON_NS={hp['MUON_NS']!r} must be quintic or polar")
@@ -449,13 +451,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention on (B, T, H, D) tensors with grouped KV heads."""
-    if _fa3 is not None and q.is_cuda:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Causal attention on (B, T, H, D) tensors with grouped KV heads. `mask` (B, 1, T, T), True = may attend,
+    replaces the causal mask (DOC_MASK); SDPA then, with KV heads repeated so a fused masked kernel can run."""
+    if mask is None and _fa3 is not None and q.is_cuda:
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=q.size(2) != k.size(2))
+    if mask is not None and q.size(2) != k.size(2):
+        k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
@@ -469,7 +474,7 @@ class Attention(nn.Module):
         self.ve_scale = nn.Parameter(torch.ones(1)) if has_ve else None
         self.xsa = xsa
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None, mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d)
         k = self.k(x).view(B, T, self.kvh, self.d)
@@ -479,7 +484,7 @@ class Attention(nn.Module):
         q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None]
         k = rms_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v)
+        y = attention(q, k, v, mask)
         if self.xsa:  # drop each head's component along its own token's (normalized) value vector
             vn = F.normalize(v.float(), dim=-1)[:, :, :, None].type_as(y)
             y = y.view(B, T, self.kvh, self.h // self.kvh, self.d)
@@ -509,10 +514,10 @@ class Block(nn.Module):
         self.ln = 1.0 / math.sqrt(i + 1) if hp["LN_SCALE"] else 1.0
         self.parallel = 0 <= hp["PARALLEL_FROM"] <= i
 
-    def forward(self, x, x0, cos, sin, ve):
+    def forward(self, x, x0, cos, sin, ve, mask=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve)
+        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve, mask)
         if self.parallel:  # GPT-J form: attention and MLP both read x
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
         x = x + a
@@ -595,8 +600,15 @@ class GPT(nn.Module):
         B, T = ids.shape
         w_emb = self.tok_emb.qweight()
         x = F.embedding(ids, w_emb)
+        mask = None
+        if self.hp["DOC_MASK"]:  # block-diagonal causal: a query sees the keys of its own document only
+            doc = torch.cumsum(ids == BOS_ID, dim=1)
+            mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=ids.device).tril())[:, None]
         if self.bigram is not None:
-            x = x + self.bigram_scale.to(x.dtype) * self.bigram_proj(self.bigram(bigram_buckets(ids, self.bigram.weight.size(0))))
+            nb = self.bigram.weight.size(0)
+            h = bigram_buckets(ids, nb)
+            h = torch.where(ids == BOS_ID, nb - 1, h) if mask is not None else h  # a BOS hashes as a stream start
+            x = x + self.bigram_scale.to(x.dtype) * self.bigram_proj(self.bigram(h))
         x = rms_norm(x)
         if self.smear is not None:  # x_t <- (1 - g) x_t + g x_{t-1}; a document's BOS takes nothing from the previous one
             g = torch.sigmoid(self.smear.to(x.dtype))
@@ -612,7 +624,7 @@ class GPT(nn.Module):
             if 0 <= j < self.skip_weights.size(0) and skips:
                 s = self.skip_weights[j].to(x.dtype) * skips.pop()
                 x = x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
-            x = self.blocks[i](x, x0, cos, sin, ve if i in self.ve_layers else None)
+            x = self.blocks[i](x, x0, cos, sin, ve if i in self.ve_layers else None, mask)
             if k < n_enc:
                 skips.append(x)
         logits = F.linear(self.final_norm(x), w_emb.to(x.dtype)).float()
@@ -755,7 +767,7 @@ def fake_quant(w: Tensor, bits: int, spec: tuple[str, list[float]], on: Tensor) 
     return torch.where(on, w + (dq - w).detach(), w)
 
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 2  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 3  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
 
 
 def quant_bits(model: GPT) -> dict[str, int]:
