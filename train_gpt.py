@@ -120,6 +120,11 @@ HPARAMS = [
     ("EVAL_SEQ_LEN", 0, "evaluation window length (0 = TRAIN_SEQ_LEN)"),
     ("EVAL_STRIDE", 64, "sliding-window stride for the final score (0 = skip the sliding pass)"),
     ("EVAL_BATCH_SEQS", 32, "windows per evaluation forward pass"),
+    ("TTT", "off", "legal test-time training after the round trip: chunk = score each chunk of the stream, then train on it (off = none)"),
+    ("TTT_CHUNK_TOKENS", 32768, "chunk: tokens scored with the same weights before the model trains on them"),
+    ("TTT_LR", 0.002, "chunk: SGD learning rate, cosine-decayed over the chunks"),
+    ("TTT_EPOCHS", 3, "chunk: SGD steps per scored chunk, each on the whole chunk's mean loss"),
+    ("TTT_MOMENTUM", 0.9, "chunk: SGD momentum, carried across chunks"),
 ]
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
@@ -203,6 +208,9 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hp["SDCLIP_K"] > 0 and hp["SDCLIP_K_EMBED"] > 0, "SDCLIP_K and SDCLIP_K_EMBED must be positive")
     need(hp["GPTQ_CALIB_BATCHES"] > 0 and hp["GPTQ_RESERVE_SECONDS"] >= 0 and hp["GPTQ_DAMP"] > 0,
          "GPTQ_CALIB_BATCHES and GPTQ_DAMP must be positive, GPTQ_RESERVE_SECONDS non-negative")
+    need(hp["TTT"] in ("off", "chunk"), f"TTT={hp['TTT']!r} must be off or chunk")
+    need(hp["TTT_CHUNK_TOKENS"] > 0 and hp["TTT_EPOCHS"] > 0, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive")
+    need(hp["TTT_LR"] > 0 and 0 <= hp["TTT_MOMENTUM"] < 1, "TTT_LR must be positive and TTT_MOMENTUM in [0, 1)")
     if hp["EVAL_ONLY"]:
         need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         return
@@ -1052,11 +1060,16 @@ def progress(total, desc, rank):
 
 
 @torch.no_grad()
-def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval") -> Tensor:
+def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval",
+              windows=None, out: Tensor | None = None) -> Tensor:
     """This rank's float64 sums (nll, bytes, tokens) over its contiguous share of the windows, `batch` windows per
-    forward pass; the last batch is padded with fully masked windows, so shapes never change."""
+    forward pass; the last batch is padded with fully masked windows, so shapes never change. `windows` (starts, lo,
+    hi: positions lo..hi-1 scored) replaces window_plan's; `out`, if given, gets each scored target's nll at its index."""
     device = val.device
-    starts, score = (t.to(device) for t in window_plan(len(val), L, stride))
+    if windows is None:
+        starts, score = window_plan(len(val), L, stride)
+        windows = (starts, L - score, torch.full_like(score, L))
+    starts, first, end = (t.to(device) for t in windows)
     per = -(-len(starts) // world)
     lo, hi = min(rank * per, len(starts)), min((rank + 1) * per, len(starts))
     offs, pos = torch.arange(L + 1, device=device), torch.arange(L, device=device)
@@ -1064,29 +1077,96 @@ def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank:
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     bar = progress(hi - lo, desc, rank)
     for b in range(lo, hi, batch):
-        s, k = starts[b:min(b + batch, hi)], score[b:min(b + batch, hi)]
+        s, f, e = (t[b:min(b + batch, hi)] for t in (starts, first, end))
         n = len(s)
         if n < batch:
-            s, k = F.pad(s, (0, batch - n)), F.pad(k, (0, batch - n))
+            s, f, e = (F.pad(t, (0, batch - n)) for t in (s, f, e))
         tok = val[s[:, None] + offs].long()
         x, y = tok[:, :-1], tok[:, 1:]
         with autocast(device):
             nll = forward(x, y)
-        mask = pos[None, :] >= (L - k)[:, None]
+        mask = (pos[None, :] >= f[:, None]) & (pos[None, :] < e[:, None])
         nbytes = base[y] + (lead[y] & ~bound[x])  # x holds each target's previous token
         sums += torch.stack((torch.where(mask, nll.double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
+        if out is not None:
+            out[(s[:, None] + 1 + pos)[mask]] = nll[mask].double()
         bar.update(n)
     bar.close()
     return sums
 
 
-def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval") -> tuple[float, float, int]:
-    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together."""
-    sums = eval_sums(forward, val, luts, L, stride, batch, rank, world, desc)
+def metrics(sums: Tensor, world: int) -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) from every rank's eval_sums."""
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, byte_sum, count = sums.tolist()
     return loss_sum / count, loss_sum / math.log(2) / byte_sum, int(count)
+
+
+def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval") -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together."""
+    return metrics(eval_sums(forward, val, luts, L, stride, batch, rank, world, desc), world)
+
+
+def chunk_windows(n: int, L: int, stride: int, C: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """window_plan's windows grouped by TTT chunk, chunk c holding targets c*C..(c+1)*C-1 (there is no target 0); a
+    window whose scored targets straddle a boundary is split there. Per chunk (starts, lo, hi) for eval_sums."""
+    starts, score = window_plan(n, L, stride)
+    first, last = starts + L - score + 1, starts + L  # scored targets of each window; both increase
+    out = []
+    for c in range((n - 1) // C + 1):
+        a, b = max(c * C, 1), min((c + 1) * C - 1, n - 1)
+        i, j = int(torch.searchsorted(last, a)), int(torch.searchsorted(first, b, right=True))
+        s = starts[i:j]
+        out.append((s, first[i:j].clamp(min=a) - s - 1, last[i:j].clamp(max=b) - s))
+    return out
+
+
+def ttt_grad(model, val: Tensor, a: int, b: int, L: int, batch: int, rank: int, world: int) -> None:
+    """Each parameter's .grad := the gradient of the mean loss over targets a..b, cut into sequences of L targets
+    (the last one shorter), dealt round-robin to the ranks, `batch` per pass, then summed over ranks."""
+    device, n_tgt = val.device, b - a + 1
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    mine = torch.arange(rank, -(-n_tgt // L), world, device=device)
+    for k in range(0, len(mine), batch):
+        t0 = a + L * mine[k:k + batch]
+        for t, m in ((t0[t0 + L <= b + 1], L), (t0[t0 + L > b + 1], n_tgt % L)):
+            if len(t):
+                tok = val[(t - 1)[:, None] + torch.arange(m + 1, device=device)].long()
+                with autocast(device):
+                    loss = model(tok[:, :-1], tok[:, 1:], per_token=True).sum() / n_tgt
+                loss.backward()
+    if world > 1:
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+
+
+def ttt_chunk(hp, model: GPT, fwd, val: Tensor, luts, rank: int, world: int, out: Tensor | None = None):
+    """Legal score-first TTT (DESIGN section 10 A). Chunk by chunk: score every target of the chunk with the current
+    weights (sliding windows, EVAL_STRIDE), then take TTT_EPOCHS SGD steps on exactly those targets; every rank
+    keeps the same weights; the last chunk is never trained on. A score thus depends only on the tokens before it:
+    the weights on the chunks before, the window on causal attention. Returns (val_loss, val_bpb, scored tokens)."""
+    L, C = eval_len(hp), hp["TTT_CHUNK_TOKENS"]
+    stride = min(hp["EVAL_STRIDE"], L) or L
+    chunks = chunk_windows(len(val), L, stride, C)
+    opt = torch.optim.SGD(model.parameters(), lr=hp["TTT_LR"], momentum=hp["TTT_MOMENTUM"])
+    sums = torch.zeros(3, dtype=torch.float64, device=val.device)
+    for c, windows in enumerate(chunks):
+        sums += eval_sums(fwd, val, luts, L, stride, hp["EVAL_BATCH_SEQS"], rank, world, f"ttt {c + 1}/{len(chunks)}",
+                          windows=windows, out=out)
+        if c == len(chunks) - 1:
+            break
+        for g in opt.param_groups:  # cosine over the chunks trained on
+            g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
+        for _ in range(hp["TTT_EPOCHS"]):
+            ttt_grad(model, val, max(c * C, 1), (c + 1) * C - 1, hp["TRAIN_SEQ_LEN"], hp["EVAL_BATCH_SEQS"], rank, world)
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return metrics(sums, world)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -1242,6 +1322,16 @@ def run(hp, log, rank, world, device, use_compile, run_id, artifact_path) -> dic
         log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full_val} "
             f"full_split_estimate_s:{dt * (full_val - 1) / n:.1f}")
         result.update(sliding_loss=loss, sliding_bpb=bpb)
+    if hp["TTT"] != "off":
+        model, _, _ = load_artifact_model(artifact_path, device)  # a fresh copy: TTT changes its weights
+        t0 = time.perf_counter()
+        loss, bpb, n = ttt_chunk(hp, model, eval_forward(model, use_compile), val, luts, rank, world)
+        dt = time.perf_counter() - t0
+        log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} protocol:{hp['TTT']} eval_seconds:{dt:.2f}")
+        est = dt * (full_val - 1) / n
+        log(f"ttt_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full_val} full_split_estimate_s:{est:.1f} "
+            f"full_split_8gpu_estimate_s:{est * world / 8:.1f}")
+        result.update(ttt_loss=loss, ttt_bpb=bpb)
     return result
 
 

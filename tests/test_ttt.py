@@ -38,3 +38,127 @@ def test_doc_mask_equals_each_document_alone(val):
             torch.testing.assert_close(got[a:b - 1], alone, rtol=0, atol=1e-5)
         unmasked = plain(x, y, per_token=True)[0]
         assert (unmasked - got).abs().max() > 1e-3  # without the mask, documents do see each other
+
+
+def ttt_hp(**kw):
+    env = {"SMOKE": "1", "TTT": "chunk", "TTT_CHUNK_TOKENS": "256", "TTT_LR": "0.05", "TTT_EPOCHS": "2",
+           "EVAL_BATCH_SEQS": "4"} | {k: str(v) for k, v in kw.items()}
+    hp = T.parse_hparams(env)
+    T.check_hparams(hp, 1)
+    return hp
+
+
+def ttt_scores(hp, val, luts):
+    """Per-target scores (index = target position) of TTT=chunk on a fresh copy of the same noisy model."""
+    model = noisy_model(hp)
+    out = torch.full((len(val),), float("nan"), dtype=torch.float64)
+    res = T.ttt_chunk(hp, model, T.eval_forward(model, False), val, luts, 0, 1, out=out)
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def luts(sample_data):
+    return T.byte_luts(T.parse_hparams({"SMOKE": "1"}), torch.device("cpu"))
+
+
+def test_ttt_score_depends_only_on_earlier_tokens(val, luts):
+    """Legality: change every token after p; the score of every target at or before p stays bit for bit."""
+    hp, v = ttt_hp(), val[:1400]
+    ref, (loss, _, n) = ttt_scores(hp, v, luts)
+    assert n == len(v) - 1 and not ref[1:].isnan().any() and ref[0].isnan()
+    sliding = T.evaluate(T.eval_forward(noisy_model(hp), False), v, luts, 128, 32, 4, 0, 1)
+    assert loss < sliding[0] - 1e-3  # training on scored chunks helps (and so can leak, if it were illegal)
+    bos = int(next(i for i in range(600, 1400) if v[i] == T.BOS_ID))
+    g = torch.Generator().manual_seed(1)
+    for p in (255, 256, 300, 511, 512, 767, bos - 1, bos, 1100):  # inside a chunk, a chunk's last/first target, a document's edge
+        w = v.clone()
+        w[p + 1:] = torch.randint(2, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
+        got, _ = ttt_scores(hp, w, luts)
+        assert torch.equal(got[:p + 1].nan_to_num(), ref[:p + 1].nan_to_num()), p
+        assert not torch.equal(got[p + 1:], ref[p + 1:])
+
+
+def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts, monkeypatch):
+    """Every update uses only targets already scored, the last chunk is never trained on, and the gradient reads no
+    token outside its targets and their predecessors."""
+    hp, v = ttt_hp(), val[:1400]
+    out = torch.full((len(v),), float("nan"), dtype=torch.float64)
+    calls, grad = [], T.ttt_grad
+
+    def spy(model, val, a, b, *args):
+        assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()  # scored, and nothing after yet
+        calls.append((a, b))
+        return grad(model, val, a, b, *args)
+    monkeypatch.setattr(T, "ttt_grad", spy)
+    model = noisy_model(hp)
+    T.ttt_chunk(hp, model, T.eval_forward(model, False), v, luts, 0, 1, out=out)
+    assert calls == [(max(c * 256, 1), c * 256 + 255) for c in range(5) for _ in range(2)]  # chunk 5 (1280..1399) never
+    model = noisy_model(hp)
+    for a, b in ((1, 255), (256, 511), (300, 330)):
+        grads = []
+        for w in (v, torch.cat((torch.randint(2, 1024, (a - 1,)), v[a - 1:b + 1], torch.randint(2, 1024, (len(v) - b - 1,))))):
+            grad(model, w.to(v.dtype), a, b, 128, 4, 0, 1)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(x, y) for x, y in zip(*grads))
+        model.zero_grad()
+        for t in range(a, b + 1, 128):  # sequences of 128 targets one by one, the mean loss: the same gradient
+            e = min(t + 128, b + 1)
+            (model(v[t - 1:e - 1].long()[None], v[t:e].long()[None], per_token=True).sum() / (b - a + 1)).backward()
+        for p, g in zip(model.parameters(), grads[0]):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def counting_forward(x, y):
+    return y.double()  # "loss" of a target = its position (tokens are positions)
+
+
+@pytest.mark.parametrize("n,L,stride,C", [(1000, 128, 32, 256), (1000, 128, 32, 100), (777, 64, 9, 1),
+                                          (513, 128, 128, 512), (4000, 128, 64, 32768), (300, 32, 5, 7)])
+def test_chunks_score_each_target_once_in_its_own_chunk(n, L, stride, C):
+    val = torch.arange(n, dtype=torch.int32)
+    luts = (torch.ones(n, dtype=torch.int16), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool))
+    chunks = T.chunk_windows(n, L, stride, C)
+    assert len(chunks) == (n - 1) // C + 1
+    for world in (1, 2, 3):
+        for batch in (1, 4, 32):
+            total = torch.zeros(3, dtype=torch.float64)
+            for c, win in enumerate(chunks):
+                out = torch.zeros(n, dtype=torch.float64)
+                for r in range(world):
+                    total += T.eval_sums(counting_forward, val, luts, L, stride, batch, r, world, windows=win, out=out)
+                a, b = max(c * C, 1), min((c + 1) * C - 1, n - 1)
+                assert out.nonzero().flatten().tolist() == list(range(a, b + 1)), (c, world, batch)
+            assert total.tolist() == [sum(range(1, n)), n - 1, n - 1], (world, batch)
+
+
+@pytest.mark.parametrize("env,msg", [
+    ({"TTT": "foo"}, "TTT='foo' must be off or chunk"),
+    ({"TTT_CHUNK_TOKENS": "0"}, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive"),
+    ({"TTT_EPOCHS": "0"}, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive"),
+    ({"TTT_LR": "-1"}, "TTT_LR must be positive"),
+    ({"TTT_MOMENTUM": "1"}, "TTT_MOMENTUM in [0, 1)"),
+    ({"DOC_MASK": "2"}, "DOC_MASK=2 must be 0 or 1"),
+    ({"TTT": "doc", "EVAL_ONLY": "1", "ARTIFACT": "x.ptz"}, "TTT='doc' must be off or chunk"),
+])
+def test_bad_ttt_settings_are_refused_with_one_line(env, msg):
+    with pytest.raises(T.UserError) as e:
+        T.check_hparams(T.parse_hparams(env), 1)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ttt_one_rank_equals_two_gloo_ranks(smoke, tmp_path):
+    """EVAL_ONLY with TTT=chunk on one artifact: 1 process and 2 gloo ranks give the same score; the TTT line comes
+    after the sliding line, with its timing and the full-split extrapolation."""
+    from conftest import metric, run_script
+    env = {"EVAL_ONLY": "1", "ARTIFACT": smoke["artifact"], "TTT": "chunk", "VAL_MAX_TOKENS": "4096",
+           "TTT_CHUNK_TOKENS": "1024", "TTT_LR": "0.01", "EVAL_BATCH_SEQS": "8"}
+    scores = []
+    for nproc, d in ((0, tmp_path / "one"), (2, tmp_path / "two")):
+        rc, out, err, log = run_script(env, d, nproc=nproc)
+        assert rc == 0, err[-3000:]
+        assert log.index("final_sliding_exact") < log.index("final_ttt_exact") < log.index("ttt_eval tokens:4095 ")
+        assert "protocol:chunk" in log and "full_split_8gpu_estimate_s:" in log
+        scores.append((metric(log, "final_ttt_exact"), metric(log, "final_ttt_exact", "val_loss"), metric(log, "final_sliding_exact")))
+    (one, one_loss, slide), (two, two_loss, _) = scores
+    assert abs(one - two) < 1e-6 and abs(one_loss - two_loss) < 1e-6
+    assert one != slide
