@@ -162,3 +162,18 @@ def test_ttt_one_rank_equals_two_gloo_ranks(smoke, tmp_path):
     (one, one_loss, slide), (two, two_loss, _) = scores
     assert abs(one - two) < 1e-6 and abs(one_loss - two_loss) < 1e-6
     assert one != slide
+
+
+def test_doc_mask_trains_and_travels_with_the_artifact(sample_data, tmp_path):
+    """DOC_MASK=1 in training: the artifact records it, and EVAL_ONLY (no DOC_MASK given) rebuilds it and
+    reproduces the run's scores exactly."""
+    from conftest import metric, run_script
+    rc, _, err, log = run_script({"DOC_MASK": "1", "ITERATIONS": "8", "VAL_MAX_TOKENS": "4096"}, tmp_path / "train")
+    assert rc == 0, err[-3000:]
+    meta, _ = T.unpack_artifact((tmp_path / "train" / "run.ptz").read_bytes())
+    assert meta["config"]["DOC_MASK"] == 1
+    rc, _, err, again = run_script({"EVAL_ONLY": "1", "ARTIFACT": tmp_path / "train" / "run.ptz", "VAL_MAX_TOKENS": "4096"},
+                                   tmp_path / "eval")
+    assert rc == 0, err[-3000:]
+    for line in ("final_roundtrip_exact", "final_sliding_exact"):
+        assert metric(again, line) == metric(log, line)
