@@ -120,11 +120,15 @@ HPARAMS = [
     ("EVAL_SEQ_LEN", 0, "evaluation window length (0 = TRAIN_SEQ_LEN)"),
     ("EVAL_STRIDE", 64, "sliding-window stride for the final score (0 = skip the sliding pass)"),
     ("EVAL_BATCH_SEQS", 32, "windows per evaluation forward pass"),
-    ("TTT", "off", "legal test-time training after the round trip: chunk = score each chunk of the stream, then train on it (off = none)"),
+    ("TTT", "off", "legal test-time training after the round trip: chunk = score each chunk of the stream, then train on it; doc = per-document LoRA (off = none)"),
     ("TTT_CHUNK_TOKENS", 32768, "chunk: tokens scored with the same weights before the model trains on them"),
     ("TTT_LR", 0.002, "chunk: SGD learning rate, cosine-decayed over the chunks"),
     ("TTT_EPOCHS", 3, "chunk: SGD steps per scored chunk, each on the whole chunk's mean loss"),
     ("TTT_MOMENTUM", 0.9, "chunk: SGD momentum, carried across chunks"),
+    ("TTT_DOC_CHUNK", 48, "doc: a document's targets scored per step, each step followed by one AdamW step on its adapter"),
+    ("TTT_LORA_RANK", 96, "doc: rank of the adapter added to every linear layer (not the tied embedding), fresh for each document"),
+    ("TTT_LORA_LR", 0.001, "doc: AdamW learning rate of the adapters"),
+    ("TTT_DOC_BATCH", 32, "doc: documents adapted side by side, one adapter each"),
 ]
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
@@ -208,7 +212,9 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hp["SDCLIP_K"] > 0 and hp["SDCLIP_K_EMBED"] > 0, "SDCLIP_K and SDCLIP_K_EMBED must be positive")
     need(hp["GPTQ_CALIB_BATCHES"] > 0 and hp["GPTQ_RESERVE_SECONDS"] >= 0 and hp["GPTQ_DAMP"] > 0,
          "GPTQ_CALIB_BATCHES and GPTQ_DAMP must be positive, GPTQ_RESERVE_SECONDS non-negative")
-    need(hp["TTT"] in ("off", "chunk"), f"TTT={hp['TTT']!r} must be off or chunk")
+    need(hp["TTT"] in ("off", "chunk", "doc"), f"TTT={hp['TTT']!r} must be off, chunk or doc")
+    need(min(hp["TTT_DOC_CHUNK"], hp["TTT_LORA_RANK"], hp["TTT_DOC_BATCH"]) > 0 and hp["TTT_LORA_LR"] > 0,
+         "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive")
     need(hp["TTT_CHUNK_TOKENS"] > 0 and hp["TTT_EPOCHS"] > 0, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive")
     need(hp["TTT_LR"] > 0 and 0 <= hp["TTT_MOMENTUM"] < 1, "TTT_LR must be positive and TTT_MOMENTUM in [0, 1)")
     if hp["EVAL_ONLY"]:
@@ -425,12 +431,17 @@ class QLinear(nn.Module):
         self.bits, self.init = bits, init  # init: ortho, zero, or ortho_scaled (x 1/sqrt(2 layers))
         self.register_buffer("qat", torch.zeros((), dtype=torch.bool), persistent=False)
         self.qspec: tuple | None = None  # set by GPT when QAT can switch on; None = no fake-quant ops at all
+        self.lora: tuple[Tensor, Tensor] | None = None  # TTT=doc: per-row adapter (A: B x r x in, B: B x out x r)
 
     def qweight(self) -> Tensor:
         return self.weight if self.qspec is None else fake_quant(self.weight, self.bits, self.qspec, self.qat)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.qweight().to(x.dtype))
+        y = F.linear(x, self.qweight().to(x.dtype))
+        if self.lora is not None:
+            a, b = self.lora
+            y = y + (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype)
+        return y
 
 
 class QEmbedding(QLinear):
@@ -1169,6 +1180,53 @@ def ttt_chunk(hp, model: GPT, fwd, val: Tensor, luts, rank: int, world: int, out
     return metrics(sums, world)
 
 
+def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tensor | None = None):
+    """Legal per-document LoRA TTT (DESIGN section 10 B, without its global SGD phases). Document d (BOS to BOS; it
+    also scores the next BOS) is scored TTT_DOC_CHUNK targets at a time, in a window of at most EVAL_SEQ_LEN that
+    never starts before its BOS, with its own fresh adapter, which then takes one AdamW step on those targets. Rows
+    of a batch are documents in stream order, padded to a length set by the step alone, so a score depends only on
+    its document's earlier tokens. The base weights never change. Returns (val_loss, val_bpb, scored tokens)."""
+    L, c, nb, r, n, device = eval_len(hp), hp["TTT_DOC_CHUNK"], hp["TTT_DOC_BATCH"], hp["TTT_LORA_RANK"], len(val), val.device
+    starts = sorted({0} | set((val[:-1] == BOS_ID).nonzero().flatten().tolist()))
+    docs = list(zip(starts, starts[1:] + [n - 1]))  # targets start+1..end
+    per = -(-len(docs) // world)
+    mine = docs[rank * per:(rank + 1) * per]
+    linears = [m for m in model.modules() if type(m) is QLinear]
+    g = torch.Generator().manual_seed(hp["SEED"])  # one A for every document, on any rank
+    a0 = [(torch.randn(r, m.weight.size(1), generator=g) / math.sqrt(m.weight.size(1))).to(device) for m in linears]
+    model.requires_grad_(False)
+    base, lead, bound = luts
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for i in range(0, len(mine), nb):
+        s0, e = (torch.tensor([d[j] for d in mine[i:i + nb]] + [0] * (nb - len(mine[i:i + nb])), device=device) for j in (0, 1))
+        adapters = []
+        for m, a in zip(linears, a0):  # B = 0: each adapter starts as the identity
+            m.lora = a.expand(nb, -1, -1).clone().requires_grad_(), torch.zeros(nb, m.weight.size(0), r, device=device, requires_grad=True)
+            adapters += m.lora
+        opt = torch.optim.AdamW(adapters, lr=hp["TTT_LORA_LR"], weight_decay=0.0)
+        for k in range(-(-int((e - s0).max()) // c)):
+            first, T = s0 + 1 + k * c, min((k + 1) * c, L)
+            last = torch.minimum(first + c - 1, e)
+            w0 = torch.maximum(s0, last - T)
+            tok = val[(w0[:, None] + torch.arange(T + 1, device=device)).clamp(max=n - 1)].long()
+            x, y = tok[:, :-1], tok[:, 1:]
+            tgt = w0[:, None] + 1 + torch.arange(T, device=device)
+            mask = (tgt >= first[:, None]) & (tgt <= last[:, None])
+            with autocast(device):
+                nll = model(x, y, per_token=True)
+            nbytes = base[y] + (lead[y] & ~bound[x])
+            sums += torch.stack((torch.where(mask, nll.detach().double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
+            if out is not None:
+                out[tgt[mask]] = nll.detach()[mask].double()
+            ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for m in linears:
+        m.lora = None
+    model.requires_grad_(True)
+    return metrics(sums, world)
+
+
 # ----------------------------------------------------------------------------- training loop
 class Logger:
     """Rank 0 writes every line to stdout and to the run's log file; other ranks stay silent."""
@@ -1325,7 +1383,10 @@ def run(hp, log, rank, world, device, use_compile, run_id, artifact_path) -> dic
     if hp["TTT"] != "off":
         model, _, _ = load_artifact_model(artifact_path, device)  # a fresh copy: TTT changes its weights
         t0 = time.perf_counter()
-        loss, bpb, n = ttt_chunk(hp, model, eval_forward(model, use_compile), val, luts, rank, world)
+        if hp["TTT"] == "chunk":
+            loss, bpb, n = ttt_chunk(hp, model, eval_forward(model, use_compile), val, luts, rank, world)
+        else:
+            loss, bpb, n = ttt_doc(hp, model, val, luts, rank, world)
         dt = time.perf_counter() - t0
         log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} protocol:{hp['TTT']} eval_seconds:{dt:.2f}")
         est = dt * (full_val - 1) / n

@@ -108,6 +108,56 @@ def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def doc_hp(**kw):
+    return ttt_hp(**{"TTT": "doc", "TTT_LORA_RANK": 8, "TTT_DOC_CHUNK": 16, "TTT_DOC_BATCH": 4, "TTT_LORA_LR": 0.01} | kw)
+
+
+def doc_scores(hp, val, luts):
+    model = noisy_model(hp)
+    out = torch.full((len(val),), float("nan"), dtype=torch.float64)
+    return out, T.ttt_doc(hp, model, val, luts, 0, 1, out=out)
+
+
+def test_doc_ttt_score_depends_only_on_earlier_tokens_of_its_document(val, luts):
+    """Legality under TTT=doc, bit for bit; each document's first chunk is scored by the untouched model on that
+    document alone (fresh adapter, no context from before its BOS); later chunks gain from the adapter."""
+    hp, v = doc_hp(), val[:900]
+    ref, (loss, _, n) = doc_scores(hp, v, luts)
+    assert n == len(v) - 1 and not ref[1:].isnan().any()
+    bos = [i for i in range(1, len(v) - 1) if v[i] == T.BOS_ID]
+    plain = noisy_model(hp)
+    with torch.no_grad():
+        for s0, end in zip(bos, bos[1:] + [len(v) - 1]):  # a document scores its targets up to the next BOS
+            e = min(s0 + 16, end)
+            alone = plain(v[None, s0:e].long(), v[None, s0 + 1:e + 1].long(), per_token=True)[0].double()
+            torch.testing.assert_close(ref[s0 + 1:e + 1], alone, rtol=0, atol=1e-5)
+    frozen, _ = doc_scores(hp | {"TTT_LORA_LR": 1e-12}, v, luts)
+    assert ref[1:].sum() < frozen[1:].sum() - 1  # the adapters learn within each document
+    long_doc = max(zip(bos, bos[1:]), key=lambda d: d[1] - d[0])[0]
+    g = torch.Generator().manual_seed(2)
+    for p in (100, long_doc - 1, long_doc, long_doc + 1, long_doc + 16, long_doc + 17, 800):
+        w = v.clone()
+        w[p + 1:] = torch.randint(2, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
+        got, _ = doc_scores(hp, w, luts)
+        assert torch.equal(got[:p + 1].nan_to_num(), ref[:p + 1].nan_to_num()), p
+        assert not torch.equal(got[p + 1:], ref[p + 1:])
+
+
+def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monkeypatch):
+    monkeypatch.setattr(T, "metrics", lambda sums, world: sums)  # this rank's sums, not all-reduced
+    v, res = val[:700], []
+    for world, batch in ((1, 4), (2, 3), (3, 32)):
+        hp, covered, total = doc_hp(TTT_DOC_BATCH=batch), torch.zeros(len(v), dtype=torch.int64), 0
+        for r in range(world):
+            out = torch.full((len(v),), float("nan"), dtype=torch.float64)
+            total = total + T.ttt_doc(hp, noisy_model(hp), v, luts, r, world, out=out)
+            covered += ~out.isnan()
+        assert total[2] == len(v) - 1 and covered[1:].eq(1).all() and covered[0] == 0
+        res.append(total)
+    for other in res[1:]:
+        torch.testing.assert_close(other, res[0], rtol=1e-9, atol=0)
+
+
 def counting_forward(x, y):
     return y.double()  # "loss" of a target = its position (tokens are positions)
 
@@ -132,13 +182,16 @@ def test_chunks_score_each_target_once_in_its_own_chunk(n, L, stride, C):
 
 
 @pytest.mark.parametrize("env,msg", [
-    ({"TTT": "foo"}, "TTT='foo' must be off or chunk"),
+    ({"TTT": "foo"}, "TTT='foo' must be off, chunk or doc"),
     ({"TTT_CHUNK_TOKENS": "0"}, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive"),
     ({"TTT_EPOCHS": "0"}, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive"),
     ({"TTT_LR": "-1"}, "TTT_LR must be positive"),
     ({"TTT_MOMENTUM": "1"}, "TTT_MOMENTUM in [0, 1)"),
     ({"DOC_MASK": "2"}, "DOC_MASK=2 must be 0 or 1"),
-    ({"TTT": "doc", "EVAL_ONLY": "1", "ARTIFACT": "x.ptz"}, "TTT='doc' must be off or chunk"),
+    ({"TTT": "lora", "EVAL_ONLY": "1", "ARTIFACT": "x.ptz"}, "TTT='lora' must be off, chunk or doc"),
+    ({"TTT_DOC_CHUNK": "0"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
+    ({"TTT_LORA_RANK": "-2"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
+    ({"TTT_LORA_LR": "0"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
 ])
 def test_bad_ttt_settings_are_refused_with_one_line(env, msg):
     with pytest.raises(T.UserError) as e:
@@ -146,18 +199,19 @@ def test_bad_ttt_settings_are_refused_with_one_line(env, msg):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
-def test_ttt_one_rank_equals_two_gloo_ranks(smoke, tmp_path):
-    """EVAL_ONLY with TTT=chunk on one artifact: 1 process and 2 gloo ranks give the same score; the TTT line comes
-    after the sliding line, with its timing and the full-split extrapolation."""
+@pytest.mark.parametrize("protocol", ["chunk", "doc"])
+def test_ttt_one_rank_equals_two_gloo_ranks(smoke, tmp_path, protocol):
+    """EVAL_ONLY with TTT on one artifact: 1 process and 2 gloo ranks give the same score; the TTT line comes after
+    the sliding line, with its timing and the full-split extrapolation."""
     from conftest import metric, run_script
-    env = {"EVAL_ONLY": "1", "ARTIFACT": smoke["artifact"], "TTT": "chunk", "VAL_MAX_TOKENS": "4096",
-           "TTT_CHUNK_TOKENS": "1024", "TTT_LR": "0.01", "EVAL_BATCH_SEQS": "8"}
+    env = {"EVAL_ONLY": "1", "ARTIFACT": smoke["artifact"], "TTT": protocol, "VAL_MAX_TOKENS": "4096",
+           "TTT_CHUNK_TOKENS": "1024", "TTT_LR": "0.01", "EVAL_BATCH_SEQS": "8", "TTT_LORA_RANK": "8", "TTT_DOC_BATCH": "16"}
     scores = []
     for nproc, d in ((0, tmp_path / "one"), (2, tmp_path / "two")):
         rc, out, err, log = run_script(env, d, nproc=nproc)
         assert rc == 0, err[-3000:]
         assert log.index("final_sliding_exact") < log.index("final_ttt_exact") < log.index("ttt_eval tokens:4095 ")
-        assert "protocol:chunk" in log and "full_split_8gpu_estimate_s:" in log
+        assert f"protocol:{protocol}" in log and "full_split_8gpu_estimate_s:" in log
         scores.append((metric(log, "final_ttt_exact"), metric(log, "final_ttt_exact", "val_loss"), metric(log, "final_sliding_exact")))
     (one, one_loss, slide), (two, two_loss, _) = scores
     assert abs(one - two) < 1e-6 and abs(one_loss - two_loss) < 1e-6
