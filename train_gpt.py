@@ -133,7 +133,8 @@ HPARAMS = [
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
              "ROPE_BASE", "ROPE_DIMS", "XSA_LAST_N", "LN_SCALE", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
-             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS", "DOC_MASK"]
+             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS",
+             "DOC_MASK"]
 PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
     "record": {},
     "baseline": dict(NUM_LAYERS=9, MLP_MULT=2, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288, ROPE_DIMS=0, XSA_LAST_N=0,
@@ -1187,6 +1188,8 @@ def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tenso
     of a batch are documents in stream order, padded to a length set by the step alone, so a score depends only on
     its document's earlier tokens. The base weights never change. Returns (val_loss, val_bpb, scored tokens)."""
     L, c, nb, r, n, device = eval_len(hp), hp["TTT_DOC_CHUNK"], hp["TTT_DOC_BATCH"], hp["TTT_LORA_RANK"], len(val), val.device
+    if c > L:
+        raise UserError(f"TTT_DOC_CHUNK={c} must be at most the evaluation window {L}")
     starts = sorted({0} | set((val[:-1] == BOS_ID).nonzero().flatten().tolist()))
     docs = list(zip(starts, starts[1:] + [n - 1]))  # targets start+1..end
     per = -(-len(docs) // world)
@@ -1198,10 +1201,12 @@ def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tenso
     base, lead, bound = luts
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for i in range(0, len(mine), nb):
-        s0, e = (torch.tensor([d[j] for d in mine[i:i + nb]] + [0] * (nb - len(mine[i:i + nb])), device=device) for j in (0, 1))
+        batch = mine[i:i + nb] + [(0, 0)] * (nb - len(mine[i:i + nb]))  # padding rows score nothing
+        s0, e = torch.tensor(batch, device=device).T
         adapters = []
         for m, a in zip(linears, a0):  # B = 0: each adapter starts as the identity
-            m.lora = a.expand(nb, -1, -1).clone().requires_grad_(), torch.zeros(nb, m.weight.size(0), r, device=device, requires_grad=True)
+            m.lora = (a.expand(nb, -1, -1).clone().requires_grad_(),
+                      torch.zeros(nb, m.weight.size(0), r, device=device, requires_grad=True))
             adapters += m.lora
         opt = torch.optim.AdamW(adapters, lr=hp["TTT_LORA_LR"], weight_decay=0.0)
         for k in range(-(-int((e - s0).max()) // c)):

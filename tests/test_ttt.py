@@ -158,6 +158,11 @@ def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monk
         torch.testing.assert_close(other, res[0], rtol=1e-9, atol=0)
 
 
+def test_doc_chunk_longer_than_the_window_is_refused(val, luts):
+    with pytest.raises(T.UserError, match="TTT_DOC_CHUNK=200 must be at most the evaluation window 128"):
+        T.ttt_doc(doc_hp(TTT_DOC_CHUNK=200), noisy_model(doc_hp()), val[:500], luts, 0, 1)
+
+
 def counting_forward(x, y):
     return y.double()  # "loss" of a target = its position (tokens are positions)
 
