@@ -77,6 +77,7 @@ HPARAMS = [
     ("LOOP_LAYERS", "", "depth recurrence: contiguous blocks (e.g. 4,5) run LOOP_REPEATS more times with the same weights ('' = off)"),
     ("LOOP_REPEATS", 2, "extra passes through LOOP_LAYERS: more depth for no extra bytes"),
     ("LOOP_START", "0.5,0.65", "fraction of the training budget at which each extra pass switches on (one value: all at once)"),
+    ("DOC_MASK", 0, "attention (and the bigram hash) never cross a BOS: each document sees only itself, in training and evaluation"),
     # data and schedule
     ("TRAIN_SEQ_LEN", 2048, "training sequence length"),
     ("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of world size"),
@@ -125,11 +126,21 @@ HPARAMS = [
     ("EVAL_SEQ_LEN", 0, "evaluation window length (0 = TRAIN_SEQ_LEN)"),
     ("EVAL_STRIDE", 64, "sliding-window stride for the final score (0 = skip the sliding pass)"),
     ("EVAL_BATCH_SEQS", 32, "windows per evaluation forward pass"),
+    ("TTT", "off", "legal test-time training after the round trip: chunk = score each chunk of the stream, then train on it; doc = per-document LoRA (off = none)"),
+    ("TTT_CHUNK_TOKENS", 32768, "chunk: tokens scored with the same weights before the model trains on them"),
+    ("TTT_LR", 0.002, "chunk: SGD learning rate, cosine-decayed over the chunks"),
+    ("TTT_EPOCHS", 3, "chunk: SGD steps per scored chunk, each on the whole chunk's mean loss"),
+    ("TTT_MOMENTUM", 0.9, "chunk: SGD momentum, carried across chunks"),
+    ("TTT_DOC_CHUNK", 48, "doc: a document's targets scored per step, each step followed by one AdamW step on its adapter"),
+    ("TTT_LORA_RANK", 96, "doc: rank of the adapter added to every linear layer (not the tied embedding), fresh for each document"),
+    ("TTT_LORA_LR", 0.001, "doc: AdamW learning rate of the adapters"),
+    ("TTT_DOC_BATCH", 32, "doc: documents adapted side by side, one adapter each"),
 ]
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
              "ROPE_BASE", "ROPE_DIMS", "XSA_LAST_N", "LN_SCALE", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
-             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS"]
+             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS",
+             "DOC_MASK"]
 PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
     "record": {},
     "baseline": dict(NUM_LAYERS=9, MLP_MULT=2, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288, ROPE_DIMS=0, XSA_LAST_N=0,
@@ -195,6 +206,7 @@ def check_hparams(hp: dict, world: int) -> None:
     need(0 <= hp["XSA_LAST_N"] <= hp["NUM_LAYERS"], f"XSA_LAST_N={hp['XSA_LAST_N']} must be in 0..NUM_LAYERS")
     ve_layers(hp)
     loop_starts(hp)
+    need(hp["DOC_MASK"] in (0, 1), f"DOC_MASK={hp['DOC_MASK']} must be 0 or 1")
     need(hp["MLP_ACT"] in ("relu2", "leaky2"), f"MLP_ACT={hp['MLP_ACT']!r} must be relu2 or leaky2")
     need(-1 <= hp["PARALLEL_FROM"] < hp["NUM_LAYERS"], f"PARALLEL_FROM={hp['PARALLEL_FROM']} must be -1 (off) or a layer in 0..NUM_LAYERS-1")
     need(hp["MUON_NS"] in ("quintic", "polar"), f"MUON_NS={hp['MUON_NS']!r} must be quintic or polar")
@@ -210,6 +222,11 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hp["RESUME"] != "auto" or hp["RUN_ID"], "RESUME=auto needs RUN_ID=name: it resumes LOG_DIR/RUN_ID.ckpt")
     need(hp["GPTQ_CALIB_BATCHES"] > 0 and hp["GPTQ_RESERVE_SECONDS"] >= 0 and hp["GPTQ_DAMP"] > 0,
          "GPTQ_CALIB_BATCHES and GPTQ_DAMP must be positive, GPTQ_RESERVE_SECONDS non-negative")
+    need(hp["TTT"] in ("off", "chunk", "doc"), f"TTT={hp['TTT']!r} must be off, chunk or doc")
+    need(min(hp["TTT_DOC_CHUNK"], hp["TTT_LORA_RANK"], hp["TTT_DOC_BATCH"]) > 0 and hp["TTT_LORA_LR"] > 0,
+         "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive")
+    need(hp["TTT_CHUNK_TOKENS"] > 0 and hp["TTT_EPOCHS"] > 0, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive")
+    need(hp["TTT_LR"] > 0 and 0 <= hp["TTT_MOMENTUM"] < 1, "TTT_LR must be positive and TTT_MOMENTUM in [0, 1)")
     if hp["EVAL_ONLY"]:
         need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         return
@@ -436,12 +453,17 @@ class QLinear(nn.Module):
         self.bits, self.init = bits, init  # init: ortho, zero, or ortho_scaled (x 1/sqrt(2 layers))
         self.register_buffer("qat", torch.zeros((), dtype=torch.bool), persistent=False)
         self.qspec: tuple | None = None  # set by GPT when QAT can switch on; None = no fake-quant ops at all
+        self.lora: tuple[Tensor, Tensor] | None = None  # TTT=doc: per-row adapter (A: B x r x in, B: B x out x r)
 
     def qweight(self) -> Tensor:
         return self.weight if self.qspec is None else fake_quant(self.weight, self.bits, self.qspec, self.qat)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.qweight().to(x.dtype))
+        y = F.linear(x, self.qweight().to(x.dtype))
+        if self.lora is not None:
+            a, b = self.lora
+            y = y + (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype)
+        return y
 
 
 class QEmbedding(QLinear):
@@ -470,13 +492,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention on (B, T, H, D) tensors with grouped KV heads."""
-    if _fa3 is not None and q.is_cuda:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Causal attention on (B, T, H, D) tensors with grouped KV heads. `mask` (B, 1, T, T), True = may attend,
+    replaces the causal mask (DOC_MASK); SDPA then, with KV heads repeated so a fused masked kernel can run."""
+    if mask is None and _fa3 is not None and q.is_cuda:
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=q.size(2) != k.size(2))
+    if mask is not None and q.size(2) != k.size(2):
+        k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
@@ -490,7 +515,7 @@ class Attention(nn.Module):
         self.ve_scale = nn.Parameter(torch.ones(1)) if has_ve else None
         self.xsa = xsa
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None, mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d)
         k = self.k(x).view(B, T, self.kvh, self.d)
@@ -500,7 +525,7 @@ class Attention(nn.Module):
         q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None]
         k = rms_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v)
+        y = attention(q, k, v, mask)
         if self.xsa:  # drop each head's component along its own token's (normalized) value vector
             vn = F.normalize(v.float(), dim=-1)[:, :, :, None].type_as(y)
             y = y.view(B, T, self.kvh, self.h // self.kvh, self.d)
@@ -530,10 +555,10 @@ class Block(nn.Module):
         self.ln = 1.0 / math.sqrt(i + 1) if hp["LN_SCALE"] else 1.0
         self.parallel = 0 <= hp["PARALLEL_FROM"] <= i
 
-    def forward(self, x, x0, cos, sin, ve):
+    def forward(self, x, x0, cos, sin, ve, mask=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve)
+        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve, mask)
         if self.parallel:  # GPT-J form: attention and MLP both read x
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
         x = x + a
@@ -616,8 +641,15 @@ class GPT(nn.Module):
         B, T = ids.shape
         w_emb = self.tok_emb.qweight()
         x = F.embedding(ids, w_emb)
+        mask = None
+        if self.hp["DOC_MASK"]:  # block-diagonal causal: a query sees the keys of its own document only
+            doc = torch.cumsum(ids == BOS_ID, dim=1)
+            mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=ids.device).tril())[:, None]
         if self.bigram is not None:
-            x = x + self.bigram_scale.to(x.dtype) * self.bigram_proj(self.bigram(bigram_buckets(ids, self.bigram.weight.size(0))))
+            nb = self.bigram.weight.size(0)
+            h = bigram_buckets(ids, nb)
+            h = torch.where(ids == BOS_ID, nb - 1, h) if mask is not None else h  # a BOS hashes as a stream start
+            x = x + self.bigram_scale.to(x.dtype) * self.bigram_proj(self.bigram(h))
         x = rms_norm(x)
         if self.smear is not None:  # x_t <- (1 - g) x_t + g x_{t-1}; a document's BOS takes nothing from the previous one
             g = torch.sigmoid(self.smear.to(x.dtype))
@@ -633,7 +665,7 @@ class GPT(nn.Module):
             if 0 <= j < self.skip_weights.size(0) and skips:
                 s = self.skip_weights[j].to(x.dtype) * skips.pop()
                 x = x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
-            x = self.blocks[i](x, x0, cos, sin, ve if i in self.ve_layers else None)
+            x = self.blocks[i](x, x0, cos, sin, ve if i in self.ve_layers else None, mask)
             if k < n_enc:
                 skips.append(x)
         logits = F.linear(self.final_norm(x), w_emb.to(x.dtype)).float()
@@ -775,7 +807,7 @@ def fake_quant(w: Tensor, bits: int, spec: tuple[str, list[float]], on: Tensor) 
     return torch.where(on, w + (dq - w).detach(), w)
 
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 2  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 3  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
 
 
 def quant_bits(model: GPT) -> dict[str, int]:
@@ -1066,11 +1098,15 @@ def progress(total, desc, rank):
 
 @torch.no_grad()
 def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval",
-              amp=None) -> Tensor:
+              amp=None, windows=None, out: Tensor | None = None) -> Tensor:
     """This rank's float64 sums (nll, bytes, tokens) over its contiguous share of the windows, `batch` windows per
-    forward pass; the last batch is padded with fully masked windows, so shapes never change."""
+    forward pass; the last batch is padded with fully masked windows, so shapes never change. `windows` (starts, lo,
+    hi: positions lo..hi-1 scored) replaces window_plan's; `out`, if given, gets each scored target's nll at its index."""
     device = val.device
-    starts, score = (t.to(device) for t in window_plan(len(val), L, stride))
+    if windows is None:
+        starts, score = window_plan(len(val), L, stride)
+        windows = (starts, L - score, torch.full_like(score, L))
+    starts, first, end = (t.to(device) for t in windows)
     per = -(-len(starts) // world)
     lo, hi = min(rank * per, len(starts)), min((rank + 1) * per, len(starts))
     offs, pos = torch.arange(L + 1, device=device), torch.arange(L, device=device)
@@ -1078,30 +1114,148 @@ def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank:
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     bar = progress(hi - lo, desc, rank)
     for b in range(lo, hi, batch):
-        s, k = starts[b:min(b + batch, hi)], score[b:min(b + batch, hi)]
+        s, f, e = (t[b:min(b + batch, hi)] for t in (starts, first, end))
         n = len(s)
         if n < batch:
-            s, k = F.pad(s, (0, batch - n)), F.pad(k, (0, batch - n))
+            s, f, e = (F.pad(t, (0, batch - n)) for t in (s, f, e))
         tok = val[s[:, None] + offs].long()
         x, y = tok[:, :-1], tok[:, 1:]
         with autocast(device, amp):
             nll = forward(x, y)
-        mask = pos[None, :] >= (L - k)[:, None]
+        mask = (pos[None, :] >= f[:, None]) & (pos[None, :] < e[:, None])
         nbytes = base[y] + (lead[y] & ~bound[x])  # x holds each target's previous token
         sums += torch.stack((torch.where(mask, nll.double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
+        if out is not None:
+            out[(s[:, None] + 1 + pos)[mask]] = nll[mask].double()
         bar.update(n)
     bar.close()
     return sums
 
 
-def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval", amp=None) -> tuple[float, float, int]:
-    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together; amp: the
-    autocast dtype (None = fp32)."""
-    sums = eval_sums(forward, val, luts, L, stride, batch, rank, world, desc, amp)
+def metrics(sums: Tensor, world: int) -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) from every rank's eval_sums."""
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, byte_sum, count = sums.tolist()
     return loss_sum / count, loss_sum / math.log(2) / byte_sum, int(count)
+
+
+def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval", amp=None) -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together; amp: the
+    autocast dtype (None = fp32)."""
+    return metrics(eval_sums(forward, val, luts, L, stride, batch, rank, world, desc, amp), world)
+
+
+def chunk_windows(n: int, L: int, stride: int, C: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """window_plan's windows grouped by TTT chunk, chunk c holding targets c*C..(c+1)*C-1 (there is no target 0); a
+    window whose scored targets straddle a boundary is split there. Per chunk (starts, lo, hi) for eval_sums."""
+    starts, score = window_plan(n, L, stride)
+    first, last = starts + L - score + 1, starts + L  # scored targets of each window; both increase
+    out = []
+    for c in range((n - 1) // C + 1):
+        a, b = max(c * C, 1), min((c + 1) * C - 1, n - 1)
+        i, j = int(torch.searchsorted(last, a)), int(torch.searchsorted(first, b, right=True))
+        s = starts[i:j]
+        out.append((s, first[i:j].clamp(min=a) - s - 1, last[i:j].clamp(max=b) - s))
+    return out
+
+
+def ttt_grad(model, val: Tensor, a: int, b: int, L: int, batch: int, rank: int, world: int, amp=None) -> None:
+    """Each parameter's .grad := the gradient of the mean loss over targets a..b, cut into sequences of L targets
+    (the last one shorter), dealt round-robin to the ranks, `batch` per pass, then summed over ranks."""
+    device, n_tgt = val.device, b - a + 1
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    mine = torch.arange(rank, -(-n_tgt // L), world, device=device)
+    for k in range(0, len(mine), batch):
+        t0 = a + L * mine[k:k + batch]
+        for t, m in ((t0[t0 + L <= b + 1], L), (t0[t0 + L > b + 1], n_tgt % L)):
+            if len(t):
+                tok = val[(t - 1)[:, None] + torch.arange(m + 1, device=device)].long()
+                with autocast(device, amp):
+                    loss = model(tok[:, :-1], tok[:, 1:], per_token=True).sum() / n_tgt
+                loss.backward()
+    if world > 1:
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+
+
+def ttt_chunk(hp, model: GPT, fwd, val: Tensor, luts, rank: int, world: int, out: Tensor | None = None):
+    """Legal score-first TTT (DESIGN section 10 A). Chunk by chunk: score every target of the chunk with the current
+    weights (sliding windows, EVAL_STRIDE), then take TTT_EPOCHS SGD steps on exactly those targets; every rank
+    keeps the same weights; the last chunk is never trained on. A score thus depends only on the tokens before it:
+    the weights on the chunks before, the window on causal attention. Returns (val_loss, val_bpb, scored tokens)."""
+    L, C, amp = eval_len(hp), hp["TTT_CHUNK_TOKENS"], amp_dtype(hp, val.device)
+    stride = min(hp["EVAL_STRIDE"], L) or L
+    chunks = chunk_windows(len(val), L, stride, C)
+    opt = torch.optim.SGD(model.parameters(), lr=hp["TTT_LR"], momentum=hp["TTT_MOMENTUM"])
+    sums = torch.zeros(3, dtype=torch.float64, device=val.device)
+    for c, windows in enumerate(chunks):
+        sums += eval_sums(fwd, val, luts, L, stride, hp["EVAL_BATCH_SEQS"], rank, world, f"ttt {c + 1}/{len(chunks)}",
+                          amp, windows=windows, out=out)
+        if c == len(chunks) - 1:
+            break
+        for g in opt.param_groups:  # cosine over the chunks trained on
+            g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
+        for _ in range(hp["TTT_EPOCHS"]):
+            ttt_grad(model, val, max(c * C, 1), (c + 1) * C - 1, hp["TRAIN_SEQ_LEN"], hp["EVAL_BATCH_SEQS"], rank, world, amp)
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return metrics(sums, world)
+
+
+def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tensor | None = None):
+    """Legal per-document LoRA TTT (DESIGN section 10 B, without its global SGD phases). Document d (BOS to BOS; it
+    also scores the next BOS) is scored TTT_DOC_CHUNK targets at a time, in a window of at most EVAL_SEQ_LEN that
+    never starts before its BOS, with its own fresh adapter, which then takes one AdamW step on those targets. Rows
+    of a batch are documents in stream order, padded to a length set by the step alone, so a score depends only on
+    its document's earlier tokens. The base weights never change. Returns (val_loss, val_bpb, scored tokens)."""
+    L, c, nb, r, n, device = eval_len(hp), hp["TTT_DOC_CHUNK"], hp["TTT_DOC_BATCH"], hp["TTT_LORA_RANK"], len(val), val.device
+    if c > L:
+        raise UserError(f"TTT_DOC_CHUNK={c} must be at most the evaluation window {L}")
+    starts = sorted({0} | set((val[:-1] == BOS_ID).nonzero().flatten().tolist()))
+    docs = list(zip(starts, starts[1:] + [n - 1]))  # targets start+1..end
+    per = -(-len(docs) // world)
+    mine = docs[rank * per:(rank + 1) * per]
+    linears = [m for m in model.modules() if type(m) is QLinear]
+    g = torch.Generator().manual_seed(hp["SEED"])  # one A for every document, on any rank
+    a0 = [(torch.randn(r, m.weight.size(1), generator=g) / math.sqrt(m.weight.size(1))).to(device) for m in linears]
+    model.requires_grad_(False)
+    base, lead, bound = luts
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for i in range(0, len(mine), nb):
+        batch = mine[i:i + nb] + [(0, 0)] * (nb - len(mine[i:i + nb]))  # padding rows score nothing
+        s0, e = torch.tensor(batch, device=device).T
+        adapters = []
+        for m, a in zip(linears, a0):  # B = 0: each adapter starts as the identity
+            m.lora = (a.expand(nb, -1, -1).clone().requires_grad_(),
+                      torch.zeros(nb, m.weight.size(0), r, device=device, requires_grad=True))
+            adapters += m.lora
+        opt = torch.optim.AdamW(adapters, lr=hp["TTT_LORA_LR"], weight_decay=0.0)
+        for k in range(-(-int((e - s0).max()) // c)):
+            first, T = s0 + 1 + k * c, min((k + 1) * c, L)
+            last = torch.minimum(first + c - 1, e)
+            w0 = torch.maximum(s0, last - T)
+            tok = val[(w0[:, None] + torch.arange(T + 1, device=device)).clamp(max=n - 1)].long()
+            x, y = tok[:, :-1], tok[:, 1:]
+            tgt = w0[:, None] + 1 + torch.arange(T, device=device)
+            mask = (tgt >= first[:, None]) & (tgt <= last[:, None])
+            with autocast(device, amp_dtype(hp, device)):
+                nll = model(x, y, per_token=True)
+            nbytes = base[y] + (lead[y] & ~bound[x])
+            sums += torch.stack((torch.where(mask, nll.detach().double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
+            if out is not None:
+                out[tgt[mask]] = nll.detach()[mask].double()
+            ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for m in linears:
+        m.lora = None
+    model.requires_grad_(True)
+    return metrics(sums, world)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -1363,6 +1517,19 @@ def run(hp, log, rank, world, device, use_compile, run_id, artifact_path) -> dic
         log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full_val} "
             f"full_split_estimate_s:{dt * (full_val - 1) / n:.1f}")
         result.update(sliding_loss=loss, sliding_bpb=bpb)
+    if hp["TTT"] != "off":
+        model, _, _ = load_artifact_model(artifact_path, device)  # a fresh copy: TTT changes its weights
+        t0 = time.perf_counter()
+        if hp["TTT"] == "chunk":
+            loss, bpb, n = ttt_chunk(hp, model, eval_forward(model, use_compile), val, luts, rank, world)
+        else:
+            loss, bpb, n = ttt_doc(hp, model, val, luts, rank, world)
+        dt = time.perf_counter() - t0
+        log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} protocol:{hp['TTT']} eval_seconds:{dt:.2f}")
+        est = dt * (full_val - 1) / n
+        log(f"ttt_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full_val} full_split_estimate_s:{est:.1f} "
+            f"full_split_8gpu_estimate_s:{est * world / 8:.1f}")
+        result.update(ttt_loss=loss, ttt_bpb=bpb)
     return result
 
 

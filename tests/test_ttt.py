@@ -1,0 +1,238 @@
+"""Issue 14: document-aware attention (DOC_MASK) and legal score-first test-time training (TTT=chunk)."""
+import pytest
+import torch
+
+import train_gpt as T
+
+
+def noisy_model(hp, seed=0):
+    """A SMOKE-sized model with every weight perturbed, so attention, skips and side paths all matter."""
+    torch.manual_seed(seed)
+    model = T.GPT(hp).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def val(sample_data):
+    return T.load_validation(T.parse_hparams({"SMOKE": "1"}))[0]
+
+
+@torch.no_grad()
+def test_doc_mask_equals_each_document_alone(val):
+    hp = T.parse_hparams({"SMOKE": "1", "DOC_MASK": "1"})
+    masked = noisy_model(hp)
+    plain = noisy_model(hp | {"DOC_MASK": 0})  # same weights (same seed), no mask
+    for s in (5, 400, 1170):  # each window starts inside a document and holds several
+        ids = val[s:s + 129].long()
+        x, y = ids[None, :-1], ids[None, 1:]
+        got = masked(x, y, per_token=True)[0]
+        cuts = [0] + [i for i in range(1, 128) if x[0, i] == T.BOS_ID] + [128]
+        assert len(cuts) >= 4
+        for a, b in zip(cuts, cuts[1:]):  # targets a+1..b-1 lie inside the segment that starts at a
+            if b - a < 2:
+                continue
+            alone = plain(x[:, a:b - 1], y[:, a:b - 1], per_token=True)[0]
+            torch.testing.assert_close(got[a:b - 1], alone, rtol=0, atol=1e-5)
+        unmasked = plain(x, y, per_token=True)[0]
+        assert (unmasked - got).abs().max() > 1e-3  # without the mask, documents do see each other
+
+
+def ttt_hp(**kw):
+    env = {"SMOKE": "1", "TTT": "chunk", "TTT_CHUNK_TOKENS": "256", "TTT_LR": "0.05", "TTT_EPOCHS": "2",
+           "EVAL_BATCH_SEQS": "4"} | {k: str(v) for k, v in kw.items()}
+    hp = T.parse_hparams(env)
+    T.check_hparams(hp, 1)
+    return hp
+
+
+def ttt_scores(hp, val, luts):
+    """Per-target scores (index = target position) of TTT=chunk on a fresh copy of the same noisy model."""
+    model = noisy_model(hp)
+    out = torch.full((len(val),), float("nan"), dtype=torch.float64)
+    res = T.ttt_chunk(hp, model, T.eval_forward(model, False), val, luts, 0, 1, out=out)
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def luts(sample_data):
+    return T.byte_luts(T.parse_hparams({"SMOKE": "1"}), torch.device("cpu"))
+
+
+def test_ttt_score_depends_only_on_earlier_tokens(val, luts):
+    """Legality: change every token after p; the score of every target at or before p stays bit for bit."""
+    hp, v = ttt_hp(), val[:1400]
+    ref, (loss, _, n) = ttt_scores(hp, v, luts)
+    assert n == len(v) - 1 and not ref[1:].isnan().any() and ref[0].isnan()
+    sliding = T.evaluate(T.eval_forward(noisy_model(hp), False), v, luts, 128, 32, 4, 0, 1)
+    assert loss < sliding[0] - 1e-3  # training on scored chunks helps (and so can leak, if it were illegal)
+    bos = int(next(i for i in range(600, 1400) if v[i] == T.BOS_ID))
+    g = torch.Generator().manual_seed(1)
+    for p in (255, 256, 300, 511, 512, 767, bos - 1, bos, 1100):  # inside a chunk, a chunk's last/first target, a document's edge
+        w = v.clone()
+        w[p + 1:] = torch.randint(2, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
+        got, _ = ttt_scores(hp, w, luts)
+        assert torch.equal(got[:p + 1].nan_to_num(), ref[:p + 1].nan_to_num()), p
+        assert not torch.equal(got[p + 1:], ref[p + 1:])
+
+
+def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts, monkeypatch):
+    """Every update uses only targets already scored, the last chunk is never trained on, and the gradient reads no
+    token outside its targets and their predecessors."""
+    hp, v = ttt_hp(), val[:1400]
+    out = torch.full((len(v),), float("nan"), dtype=torch.float64)
+    calls, grad = [], T.ttt_grad
+
+    def spy(model, val, a, b, *args):
+        assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()  # scored, and nothing after yet
+        calls.append((a, b))
+        return grad(model, val, a, b, *args)
+    monkeypatch.setattr(T, "ttt_grad", spy)
+    model = noisy_model(hp)
+    T.ttt_chunk(hp, model, T.eval_forward(model, False), v, luts, 0, 1, out=out)
+    assert calls == [(max(c * 256, 1), c * 256 + 255) for c in range(5) for _ in range(2)]  # chunk 5 (1280..1399) never
+    model = noisy_model(hp)
+    for a, b in ((1, 255), (256, 511), (300, 330)):
+        grads = []
+        for w in (v, torch.cat((torch.randint(2, 1024, (a - 1,)), v[a - 1:b + 1], torch.randint(2, 1024, (len(v) - b - 1,))))):
+            grad(model, w.to(v.dtype), a, b, 128, 4, 0, 1)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(x, y) for x, y in zip(*grads))
+        model.zero_grad()
+        for t in range(a, b + 1, 128):  # sequences of 128 targets one by one, the mean loss: the same gradient
+            e = min(t + 128, b + 1)
+            (model(v[t - 1:e - 1].long()[None], v[t:e].long()[None], per_token=True).sum() / (b - a + 1)).backward()
+        for p, g in zip(model.parameters(), grads[0]):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def doc_hp(**kw):
+    return ttt_hp(**{"TTT": "doc", "TTT_LORA_RANK": 8, "TTT_DOC_CHUNK": 16, "TTT_DOC_BATCH": 4, "TTT_LORA_LR": 0.01} | kw)
+
+
+def doc_scores(hp, val, luts):
+    model = noisy_model(hp)
+    out = torch.full((len(val),), float("nan"), dtype=torch.float64)
+    return out, T.ttt_doc(hp, model, val, luts, 0, 1, out=out)
+
+
+def test_doc_ttt_score_depends_only_on_earlier_tokens_of_its_document(val, luts):
+    """Legality under TTT=doc, bit for bit; each document's first chunk is scored by the untouched model on that
+    document alone (fresh adapter, no context from before its BOS); later chunks gain from the adapter."""
+    hp, v = doc_hp(), val[:900]
+    ref, (loss, _, n) = doc_scores(hp, v, luts)
+    assert n == len(v) - 1 and not ref[1:].isnan().any()
+    bos = [i for i in range(1, len(v) - 1) if v[i] == T.BOS_ID]
+    plain = noisy_model(hp)
+    with torch.no_grad():
+        for s0, end in zip(bos, bos[1:] + [len(v) - 1]):  # a document scores its targets up to the next BOS
+            e = min(s0 + 16, end)
+            alone = plain(v[None, s0:e].long(), v[None, s0 + 1:e + 1].long(), per_token=True)[0].double()
+            torch.testing.assert_close(ref[s0 + 1:e + 1], alone, rtol=0, atol=1e-5)
+    frozen, _ = doc_scores(hp | {"TTT_LORA_LR": 1e-12}, v, luts)
+    assert ref[1:].sum() < frozen[1:].sum() - 1  # the adapters learn within each document
+    long_doc = max(zip(bos, bos[1:]), key=lambda d: d[1] - d[0])[0]
+    g = torch.Generator().manual_seed(2)
+    for p in (100, long_doc - 1, long_doc, long_doc + 1, long_doc + 16, long_doc + 17, 800):
+        w = v.clone()
+        w[p + 1:] = torch.randint(2, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
+        got, _ = doc_scores(hp, w, luts)
+        assert torch.equal(got[:p + 1].nan_to_num(), ref[:p + 1].nan_to_num()), p
+        assert not torch.equal(got[p + 1:], ref[p + 1:])
+
+
+def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monkeypatch):
+    monkeypatch.setattr(T, "metrics", lambda sums, world: sums)  # this rank's sums, not all-reduced
+    v, res = val[:700], []
+    for world, batch in ((1, 4), (2, 3), (3, 32)):
+        hp, covered, total = doc_hp(TTT_DOC_BATCH=batch), torch.zeros(len(v), dtype=torch.int64), 0
+        for r in range(world):
+            out = torch.full((len(v),), float("nan"), dtype=torch.float64)
+            total = total + T.ttt_doc(hp, noisy_model(hp), v, luts, r, world, out=out)
+            covered += ~out.isnan()
+        assert total[2] == len(v) - 1 and covered[1:].eq(1).all() and covered[0] == 0
+        res.append(total)
+    for other in res[1:]:
+        torch.testing.assert_close(other, res[0], rtol=1e-9, atol=0)
+
+
+def test_doc_chunk_longer_than_the_window_is_refused(val, luts):
+    with pytest.raises(T.UserError, match="TTT_DOC_CHUNK=200 must be at most the evaluation window 128"):
+        T.ttt_doc(doc_hp(TTT_DOC_CHUNK=200), noisy_model(doc_hp()), val[:500], luts, 0, 1)
+
+
+def counting_forward(x, y):
+    return y.double()  # "loss" of a target = its position (tokens are positions)
+
+
+@pytest.mark.parametrize("n,L,stride,C", [(1000, 128, 32, 256), (1000, 128, 32, 100), (777, 64, 9, 1),
+                                          (513, 128, 128, 512), (4000, 128, 64, 32768), (300, 32, 5, 7)])
+def test_chunks_score_each_target_once_in_its_own_chunk(n, L, stride, C):
+    val = torch.arange(n, dtype=torch.int32)
+    luts = (torch.ones(n, dtype=torch.int16), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool))
+    chunks = T.chunk_windows(n, L, stride, C)
+    assert len(chunks) == (n - 1) // C + 1
+    for world in (1, 2, 3):
+        for batch in (1, 4, 32):
+            total = torch.zeros(3, dtype=torch.float64)
+            for c, win in enumerate(chunks):
+                out = torch.zeros(n, dtype=torch.float64)
+                for r in range(world):
+                    total += T.eval_sums(counting_forward, val, luts, L, stride, batch, r, world, windows=win, out=out)
+                a, b = max(c * C, 1), min((c + 1) * C - 1, n - 1)
+                assert out.nonzero().flatten().tolist() == list(range(a, b + 1)), (c, world, batch)
+            assert total.tolist() == [sum(range(1, n)), n - 1, n - 1], (world, batch)
+
+
+@pytest.mark.parametrize("env,msg", [
+    ({"TTT": "foo"}, "TTT='foo' must be off, chunk or doc"),
+    ({"TTT_CHUNK_TOKENS": "0"}, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive"),
+    ({"TTT_EPOCHS": "0"}, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive"),
+    ({"TTT_LR": "-1"}, "TTT_LR must be positive"),
+    ({"TTT_MOMENTUM": "1"}, "TTT_MOMENTUM in [0, 1)"),
+    ({"DOC_MASK": "2"}, "DOC_MASK=2 must be 0 or 1"),
+    ({"TTT": "lora", "EVAL_ONLY": "1", "ARTIFACT": "x.ptz"}, "TTT='lora' must be off, chunk or doc"),
+    ({"TTT_DOC_CHUNK": "0"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
+    ({"TTT_LORA_RANK": "-2"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
+    ({"TTT_LORA_LR": "0"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
+])
+def test_bad_ttt_settings_are_refused_with_one_line(env, msg):
+    with pytest.raises(T.UserError) as e:
+        T.check_hparams(T.parse_hparams(env), 1)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("protocol", ["chunk", "doc"])
+def test_ttt_one_rank_equals_two_gloo_ranks(smoke, tmp_path, protocol):
+    """EVAL_ONLY with TTT on one artifact: 1 process and 2 gloo ranks give the same score; the TTT line comes after
+    the sliding line, with its timing and the full-split extrapolation."""
+    from conftest import metric, run_script
+    env = {"EVAL_ONLY": "1", "ARTIFACT": smoke["artifact"], "TTT": protocol, "VAL_MAX_TOKENS": "4096",
+           "TTT_CHUNK_TOKENS": "1024", "TTT_LR": "0.01", "EVAL_BATCH_SEQS": "8", "TTT_LORA_RANK": "8", "TTT_DOC_BATCH": "16"}
+    scores = []
+    for nproc, d in ((0, tmp_path / "one"), (2, tmp_path / "two")):
+        rc, out, err, log = run_script(env, d, nproc=nproc)
+        assert rc == 0, err[-3000:]
+        assert log.index("final_sliding_exact") < log.index("final_ttt_exact") < log.index("ttt_eval tokens:4095 ")
+        assert f"protocol:{protocol}" in log and "full_split_8gpu_estimate_s:" in log
+        scores.append((metric(log, "final_ttt_exact"), metric(log, "final_ttt_exact", "val_loss"), metric(log, "final_sliding_exact")))
+    (one, one_loss, slide), (two, two_loss, _) = scores
+    assert abs(one - two) < 1e-6 and abs(one_loss - two_loss) < 1e-6
+    assert one != slide
+
+
+def test_doc_mask_trains_and_travels_with_the_artifact(sample_data, tmp_path):
+    """DOC_MASK=1 in training: the artifact records it, and EVAL_ONLY (no DOC_MASK given) rebuilds it and
+    reproduces the run's scores exactly."""
+    from conftest import metric, run_script
+    rc, _, err, log = run_script({"DOC_MASK": "1", "ITERATIONS": "8", "VAL_MAX_TOKENS": "4096"}, tmp_path / "train")
+    assert rc == 0, err[-3000:]
+    meta, _ = T.unpack_artifact((tmp_path / "train" / "run.ptz").read_bytes())
+    assert meta["config"]["DOC_MASK"] == 1
+    rc, _, err, again = run_script({"EVAL_ONLY": "1", "ARTIFACT": tmp_path / "train" / "run.ptz", "VAL_MAX_TOKENS": "4096"},
+                                   tmp_path / "eval")
+    assert rc == 0, err[-3000:]
+    for line in ("final_roundtrip_exact", "final_sliding_exact"):
+        assert metric(again, line) == metric(log, line)
