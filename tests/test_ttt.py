@@ -20,6 +20,18 @@ def val(sample_data):
     return T.load_validation(T.parse_hparams({"SMOKE": "1"}))[0]
 
 
+def assert_causal(scores, v, ref, positions, seed):
+    """For each p: every token after p replaced at random leaves the scores of targets <= p bit-identical (and
+    changes later ones, so the test can fail)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in positions:
+        w = v.clone()
+        w[p + 1:] = torch.randint(2, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
+        got = scores(w)
+        assert torch.equal(got[:p + 1].nan_to_num(), ref[:p + 1].nan_to_num()), p
+        assert not torch.equal(got[p + 1:], ref[p + 1:])
+
+
 @torch.no_grad()
 def test_doc_mask_equals_each_document_alone(val):
     hp = T.parse_hparams({"SMOKE": "1", "DOC_MASK": "1"})
@@ -69,13 +81,8 @@ def test_ttt_score_depends_only_on_earlier_tokens(val, luts):
     sliding = T.evaluate(T.eval_forward(noisy_model(hp), False), v, luts, 128, 32, 4, 0, 1)
     assert loss < sliding[0] - 1e-3  # training on scored chunks helps (and so can leak, if it were illegal)
     bos = int(next(i for i in range(600, 1400) if v[i] == T.BOS_ID))
-    g = torch.Generator().manual_seed(1)
-    for p in (255, 256, 300, 511, 512, 767, bos - 1, bos, 1100):  # inside a chunk, a chunk's last/first target, a document's edge
-        w = v.clone()
-        w[p + 1:] = torch.randint(2, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
-        got, _ = ttt_scores(hp, w, luts)
-        assert torch.equal(got[:p + 1].nan_to_num(), ref[:p + 1].nan_to_num()), p
-        assert not torch.equal(got[p + 1:], ref[p + 1:])
+    # inside a chunk, a chunk's last/first target, a document's edge
+    assert_causal(lambda w: ttt_scores(hp, w, luts)[0], v, ref, (255, 256, 300, 511, 512, 767, bos - 1, bos, 1100), seed=1)
 
 
 def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts, monkeypatch):
@@ -134,13 +141,8 @@ def test_doc_ttt_score_depends_only_on_earlier_tokens_of_its_document(val, luts)
     frozen, _ = doc_scores(hp | {"TTT_LORA_LR": 1e-12}, v, luts)
     assert ref[1:].sum() < frozen[1:].sum() - 1  # the adapters learn within each document
     long_doc = max(zip(bos, bos[1:]), key=lambda d: d[1] - d[0])[0]
-    g = torch.Generator().manual_seed(2)
-    for p in (100, long_doc - 1, long_doc, long_doc + 1, long_doc + 16, long_doc + 17, 800):
-        w = v.clone()
-        w[p + 1:] = torch.randint(2, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
-        got, _ = doc_scores(hp, w, luts)
-        assert torch.equal(got[:p + 1].nan_to_num(), ref[:p + 1].nan_to_num()), p
-        assert not torch.equal(got[p + 1:], ref[p + 1:])
+    assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref,
+                  (100, long_doc - 1, long_doc, long_doc + 1, long_doc + 16, long_doc + 17, 800), seed=2)
 
 
 def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monkeypatch):
