@@ -1812,6 +1812,8 @@ def export(hp, log, rank, world, model: GPT, code_bytes: int, path: str, result:
 if __name__ == "__main__":
     try:
         main()
+        if dist.is_initialized():
+            dist.barrier()  # ranks leave together: a gloo rank whose peer already tore down can abort at exit
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
