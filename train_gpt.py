@@ -135,6 +135,7 @@ HPARAMS = [
     ("TTT_LORA_RANK", 96, "doc: rank of the adapter added to every linear layer (not the tied embedding), fresh for each document"),
     ("TTT_LORA_LR", 0.001, "doc: AdamW learning rate of the adapters"),
     ("TTT_DOC_BATCH", 32, "doc: documents adapted side by side, one adapter each"),
+    ("TTT_DOC_PHASES", 1, "doc: split the stream into N phases; after each but the last, chunk's SGD on all of its (scored) tokens"),
 ]
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
@@ -192,53 +193,48 @@ def parse_hparams(env=None) -> dict:
     return hp
 
 
+CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
+           "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
+           "COMPILE": (-1, 0, 1), **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK",
+                                                        "MUON_ROW_NORM", "EMBED_FP16")}}
+POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
+            "ITERATIONS", "SDCLIP_K", "SDCLIP_K_EMBED", "GPTQ_CALIB_BATCHES", "GPTQ_DAMP", "TTT_CHUNK_TOKENS", "TTT_LR",
+            "TTT_EPOCHS", "TTT_DOC_CHUNK", "TTT_LORA_RANK", "TTT_LORA_LR", "TTT_DOC_BATCH", "TTT_DOC_PHASES")
+
+
 def check_hparams(hp: dict, world: int) -> None:
     def need(cond, msg):
         if not cond:
             raise UserError(msg)
-    for k in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS"):
+    for k in POSITIVE:
         need(hp[k] > 0, f"{k}={hp[k]} must be positive")
+    for k, opts in CHOICES.items():
+        need(hp[k] in opts, f"{k}={hp[k]!r} must be {', '.join(map(str, opts[:-1]))} or {opts[-1]}")
     need(hp["VOCAB_SIZE"] <= 65536, f"VOCAB_SIZE={hp['VOCAB_SIZE']} does not fit the uint16 shards")
     need(hp["MODEL_DIM"] % hp["NUM_HEADS"] == 0, f"MODEL_DIM={hp['MODEL_DIM']} is not divisible by NUM_HEADS={hp['NUM_HEADS']}")
     need(hp["NUM_HEADS"] % hp["NUM_KV_HEADS"] == 0, f"NUM_HEADS={hp['NUM_HEADS']} is not divisible by NUM_KV_HEADS={hp['NUM_KV_HEADS']}")
     hd = hp["MODEL_DIM"] // hp["NUM_HEADS"]
     need(hd % 2 == 0 and 0 <= hp["ROPE_DIMS"] <= hd and hp["ROPE_DIMS"] % 2 == 0, f"ROPE_DIMS={hp['ROPE_DIMS']} must be even and at most the head dim {hd}")
     need(0 <= hp["XSA_LAST_N"] <= hp["NUM_LAYERS"], f"XSA_LAST_N={hp['XSA_LAST_N']} must be in 0..NUM_LAYERS")
-    ve_layers(hp)
-    loop_starts(hp)
-    need(hp["DOC_MASK"] in (0, 1), f"DOC_MASK={hp['DOC_MASK']} must be 0 or 1")
-    need(hp["MLP_ACT"] in ("relu2", "leaky2"), f"MLP_ACT={hp['MLP_ACT']!r} must be relu2 or leaky2")
+    ve_layers(hp), loop_starts(hp), clips(hp), checkpoint_every(hp)
     need(-1 <= hp["PARALLEL_FROM"] < hp["NUM_LAYERS"], f"PARALLEL_FROM={hp['PARALLEL_FROM']} must be -1 (off) or a layer in 0..NUM_LAYERS-1")
-    need(hp["MUON_NS"] in ("quintic", "polar"), f"MUON_NS={hp['MUON_NS']!r} must be quintic or polar")
     need(0 <= hp["WARMDOWN_FRAC"] <= 1 and 0 <= hp["MIN_LR"] < 1, "WARMDOWN_FRAC must be in [0, 1] and MIN_LR in [0, 1)")
-    need(0 <= hp["EMA_DECAY"] < 1, f"EMA_DECAY={hp['EMA_DECAY']} must be in [0, 1)")
+    for k in ("EMA_DECAY", "TTT_MOMENTUM"):
+        need(0 <= hp[k] < 1, f"{k}={hp[k]} must be in [0, 1)")
     need(0 <= hp["QAT_THRESHOLD"] <= 1, f"QAT_THRESHOLD={hp['QAT_THRESHOLD']} must be in [0, 1]")
-    clips(hp)
-    need(hp["QUANT_METHOD"] in ("rtn", "gptq"), f"QUANT_METHOD={hp['QUANT_METHOD']!r} must be rtn or gptq")
-    need(hp["QUANT_SCALE"] in ("search", "sdclip"), f"QUANT_SCALE={hp['QUANT_SCALE']!r} must be search or sdclip")
-    need(hp["SDCLIP_K"] > 0 and hp["SDCLIP_K_EMBED"] > 0, "SDCLIP_K and SDCLIP_K_EMBED must be positive")
-    need(hp["AUTOCAST"] in ("auto", "bf16", "off"), f"AUTOCAST={hp['AUTOCAST']!r} must be auto, bf16 or off")
-    checkpoint_every(hp)
+    need(hp["GPTQ_RESERVE_SECONDS"] >= 0, "GPTQ_RESERVE_SECONDS must be non-negative")
     need(hp["RESUME"] != "auto" or hp["RUN_ID"], "RESUME=auto needs RUN_ID=name: it resumes LOG_DIR/RUN_ID.ckpt")
-    need(hp["GPTQ_CALIB_BATCHES"] > 0 and hp["GPTQ_RESERVE_SECONDS"] >= 0 and hp["GPTQ_DAMP"] > 0,
-         "GPTQ_CALIB_BATCHES and GPTQ_DAMP must be positive, GPTQ_RESERVE_SECONDS non-negative")
-    need(hp["TTT"] in ("off", "chunk", "doc"), f"TTT={hp['TTT']!r} must be off, chunk or doc")
-    need(min(hp["TTT_DOC_CHUNK"], hp["TTT_LORA_RANK"], hp["TTT_DOC_BATCH"]) > 0 and hp["TTT_LORA_LR"] > 0,
-         "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive")
-    need(hp["TTT_CHUNK_TOKENS"] > 0 and hp["TTT_EPOCHS"] > 0, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive")
-    need(hp["TTT_LR"] > 0 and 0 <= hp["TTT_MOMENTUM"] < 1, "TTT_LR must be positive and TTT_MOMENTUM in [0, 1)")
     if hp["EVAL_ONLY"]:
         need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         return
     if hp["QUANT_METHOD"] == "gptq" and hp["MAX_WALLCLOCK_SECONDS"] > 0:
         r, cap = hp["GPTQ_RESERVE_SECONDS"], hp["MAX_WALLCLOCK_SECONDS"]
         need(0 < r < cap, f"GPTQ_RESERVE_SECONDS={r} must be in (0, MAX_WALLCLOCK_SECONDS={cap}): calibration reads training data, inside the cap")
-    L = hp["TRAIN_SEQ_LEN"]
-    mb = hp["MICRO_BATCHES"]
+    L, mb = hp["TRAIN_SEQ_LEN"], hp["MICRO_BATCHES"]
     need(mb > 0 and mb % world == 0, f"MICRO_BATCHES={mb} must be a positive multiple of the world size {world}")
     need(hp["TRAIN_BATCH_TOKENS"] % (mb * L) == 0,
          f"TRAIN_BATCH_TOKENS={hp['TRAIN_BATCH_TOKENS']} is not divisible by MICRO_BATCHES {mb} x TRAIN_SEQ_LEN {L}")
-    need(hp["ITERATIONS"] > 0 and hp["WARMUP_STEPS"] >= 0 and hp["WARMDOWN_ITERS"] >= 0, "ITERATIONS must be positive, WARMUP_STEPS and WARMDOWN_ITERS non-negative")
+    need(hp["WARMUP_STEPS"] >= 0 and hp["WARMDOWN_ITERS"] >= 0, "WARMUP_STEPS and WARMDOWN_ITERS must be non-negative")
 
 
 def checkpoint_every(hp) -> tuple[int, float]:
@@ -257,26 +253,25 @@ def eval_len(hp):
     return hp["EVAL_SEQ_LEN"] or hp["TRAIN_SEQ_LEN"]
 
 
+def num_list(hp, key: str, kind=int, what: str = "numbers") -> list:
+    """A comma-separated setting as a list ('' = empty)."""
+    raw = str(hp[key]).replace(" ", "")
+    try:
+        return [kind(t) for t in raw.split(",")] if raw else []
+    except ValueError:
+        raise UserError(f"{key}={hp[key]!r} must be comma-separated {what}") from None
+
+
 def ve_layers(hp) -> list[int]:
-    n, out = hp["NUM_LAYERS"], []
-    for tok in filter(None, str(hp["VE_LAYERS"]).replace(" ", "").split(",")):
-        try:
-            i = int(tok)
-        except ValueError:
-            raise UserError(f"VE_LAYERS={hp['VE_LAYERS']!r}: {tok!r} is not a layer index") from None
-        if not -n <= i < n:
-            raise UserError(f"VE_LAYERS={hp['VE_LAYERS']!r}: layer {i} does not exist with NUM_LAYERS={n}")
-        out.append(i % n)
-    return sorted(set(out))
+    n, layers = hp["NUM_LAYERS"], num_list(hp, "VE_LAYERS", what="layer indices")
+    if not all(-n <= i < n for i in layers):
+        raise UserError(f"VE_LAYERS={hp['VE_LAYERS']!r} names a layer that does not exist with NUM_LAYERS={n}")
+    return sorted({i % n for i in layers})
 
 
 def loop_layers(hp) -> list[int]:
     """Depth recurrence: the contiguous block indices that run LOOP_REPEATS extra times ([] = off)."""
-    raw, n = str(hp["LOOP_LAYERS"]).replace(" ", ""), hp["NUM_LAYERS"]
-    try:
-        layers = [int(t) for t in raw.split(",")] if raw else []
-    except ValueError:
-        raise UserError(f"LOOP_LAYERS={raw!r} must be comma-separated block indices, e.g. 4,5") from None
+    layers, n, raw = num_list(hp, "LOOP_LAYERS", what="block indices, e.g. 4,5"), hp["NUM_LAYERS"], hp["LOOP_LAYERS"]
     if layers and (layers != list(range(layers[0], layers[-1] + 1)) or not 0 <= layers[0] <= layers[-1] < n):
         raise UserError(f"LOOP_LAYERS={raw!r} must be contiguous increasing block indices in 0..{n - 1}, e.g. 4,5")
     if layers and hp["LOOP_REPEATS"] < 1:
@@ -288,11 +283,7 @@ def loop_starts(hp) -> list[float]:
     """Budget fraction at which each extra pass through LOOP_LAYERS switches on."""
     if not loop_layers(hp):
         return []
-    R = hp["LOOP_REPEATS"]
-    try:
-        starts = [float(t) for t in str(hp["LOOP_START"]).split(",")]
-    except ValueError:
-        starts = []
+    R, starts = hp["LOOP_REPEATS"], num_list(hp, "LOOP_START", float, "fractions")
     starts = starts * R if len(starts) == 1 else starts
     if len(starts) != R or not all(0 <= a <= b <= 1 for a, b in zip([0.0] + starts, starts)):
         raise UserError(f"LOOP_START={hp['LOOP_START']!r} needs one or LOOP_REPEATS={R} non-decreasing fractions in [0, 1]")
@@ -300,10 +291,7 @@ def loop_starts(hp) -> list[float]:
 
 
 def clips(hp) -> list[float]:
-    try:
-        c = [float(x) for x in str(hp["QUANT_CLIPS"]).split(",")]
-    except ValueError:
-        raise UserError(f"QUANT_CLIPS={hp['QUANT_CLIPS']!r} must be comma-separated numbers") from None
+    c = num_list(hp, "QUANT_CLIPS", float)
     if not c or not all(0 < x <= 1 for x in c):
         raise UserError(f"QUANT_CLIPS={hp['QUANT_CLIPS']!r}: each clip must be in (0, 1]")
     return c
@@ -619,14 +607,8 @@ class GPT(nn.Module):
                     m.weight.mul_(1.0 / math.sqrt(2 * L))
 
     def set_qat(self, hp: dict | None) -> None:
-        """Put the exporter's round-to-nearest quantizer (quant_spec: same scales) into the forward pass of every
-        matrix that ships quantized, gated by each module's `qat` buffer (off until qat_switch). None removes it.
-        Measured choices (README, CPU proxy): the exporter's exact clip search, not plain row-max (penalty +0.00049
-        bpb against +0.00035 with row-max in training and export; compiled, its cost is within step-time noise); the
-        live weights, because only they get gradients. Off by default (QAT_THRESHOLD=0): the exported weights are
-        their EMA, which QAT never saw, and with the default EMA late QAT made the round trip worse in all four proxy
-        runs (2 seeds x RTN/GPTQ, +0.00008 to +0.00023); without EMA it helps RTN (-0.00035) but hurts GPTQ (+0.00029):
-        GPTQ on QAT-trained weights undoes what QAT taught them. GPTQ is fitted to the weights that ship instead."""
+        """Put the exporter's own quantizer (quant_spec: the same scales) into the forward pass of every matrix that
+        ships quantized, gated by each module's `qat` buffer (off until qat_switch); None removes it. README: measured."""
         for m in self.modules():
             if isinstance(m, QLinear):
                 ships = hp is not None and m.bits < 16 and m.weight.numel() > hp["QUANT_MIN_NUMEL"]
@@ -1196,65 +1178,75 @@ def ttt_chunk(hp, model: GPT, fwd, val: Tensor, luts, rank: int, world: int, out
     for c, windows in enumerate(chunks):
         sums += eval_sums(fwd, val, luts, L, stride, hp["EVAL_BATCH_SEQS"], rank, world, f"ttt {c + 1}/{len(chunks)}",
                           amp, windows=windows, out=out)
-        if c == len(chunks) - 1:
-            break
-        for g in opt.param_groups:  # cosine over the chunks trained on
-            g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
-        for _ in range(hp["TTT_EPOCHS"]):
-            ttt_grad(model, val, max(c * C, 1), (c + 1) * C - 1, hp["TRAIN_SEQ_LEN"], hp["EVAL_BATCH_SEQS"], rank, world, amp)
-            opt.step()
-    model.zero_grad(set_to_none=True)
+        if c < len(chunks) - 1:
+            ttt_sgd(hp, model, opt, val, max(c * C, 1), (c + 1) * C - 1, c / (len(chunks) - 1), rank, world)
     return metrics(sums, world)
 
 
+def ttt_sgd(hp, model: GPT, opt, val: Tensor, a: int, b: int, t: float, rank: int, world: int) -> None:
+    """TTT_EPOCHS SGD steps on the mean loss of targets a..b, all ranks together, at TTT_LR cosine-decayed to
+    t in [0, 1) of the way through the stretches trained on."""
+    for g in opt.param_groups:
+        g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * t))
+    for _ in range(hp["TTT_EPOCHS"]):
+        ttt_grad(model, val, a, b, hp["TRAIN_SEQ_LEN"], hp["EVAL_BATCH_SEQS"], rank, world, amp_dtype(hp, val.device))
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
 def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tensor | None = None):
-    """Legal per-document LoRA TTT (DESIGN section 10 B, without its global SGD phases). Document d (BOS to BOS; it
-    also scores the next BOS) is scored TTT_DOC_CHUNK targets at a time, in a window of at most EVAL_SEQ_LEN that
-    never starts before its BOS, with its own fresh adapter, which then takes one AdamW step on those targets. Rows
-    of a batch are documents in stream order, padded to a length set by the step alone, so a score depends only on
-    its document's earlier tokens. The base weights never change. Returns (val_loss, val_bpb, scored tokens)."""
+    """Legal per-document LoRA TTT (DESIGN section 10 B). Document d (BOS to BOS; it also scores the next BOS) is
+    scored TTT_DOC_CHUNK targets at a time, in a window of at most EVAL_SEQ_LEN that never starts before its BOS, with
+    its own fresh adapter, which then takes one AdamW step on those targets. Rows of a batch are documents of similar
+    length, padded to a length set by the step alone, so a score depends only on its document's earlier tokens and,
+    with TTT_DOC_PHASES > 1, on the base weights, which change only by SGD on whole phases already scored (a phase:
+    the documents starting in one equal slice of the stream's positions). Returns (val_loss, val_bpb, scored tokens)."""
     L, c, nb, r, n, device = eval_len(hp), hp["TTT_DOC_CHUNK"], hp["TTT_DOC_BATCH"], hp["TTT_LORA_RANK"], len(val), val.device
     if c > L:
         raise UserError(f"TTT_DOC_CHUNK={c} must be at most the evaluation window {L}")
     starts = sorted({0} | set((val[:-1] == BOS_ID).nonzero().flatten().tolist()))
-    docs = list(zip(starts, starts[1:] + [n - 1]))  # targets start+1..end
-    per = -(-len(docs) // world)
-    mine = docs[rank * per:(rank + 1) * per]
+    docs, P = list(zip(starts, starts[1:] + [n - 1])), hp["TTT_DOC_PHASES"]  # document = targets start+1..end
     linears = [m for m in model.modules() if type(m) is QLinear]
     g = torch.Generator().manual_seed(hp["SEED"])  # one A for every document, on any rank
     a0 = [(torch.randn(r, m.weight.size(1), generator=g) / math.sqrt(m.weight.size(1))).to(device) for m in linears]
-    model.requires_grad_(False)
+    sgd = torch.optim.SGD(model.parameters(), lr=hp["TTT_LR"], momentum=hp["TTT_MOMENTUM"])
     base, lead, bound = luts
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), nb):
-        batch = mine[i:i + nb] + [(0, 0)] * (nb - len(mine[i:i + nb]))  # padding rows score nothing
-        s0, e = torch.tensor(batch, device=device).T
-        adapters = []
-        for m, a in zip(linears, a0):  # B = 0: each adapter starts as the identity
-            m.lora = (a.expand(nb, -1, -1).clone().requires_grad_(),
-                      torch.zeros(nb, m.weight.size(0), r, device=device, requires_grad=True))
-            adapters += m.lora
-        opt = torch.optim.AdamW(adapters, lr=hp["TTT_LORA_LR"], weight_decay=0.0)
-        for k in range(-(-int((e - s0).max()) // c)):
-            first, T = s0 + 1 + k * c, min((k + 1) * c, L)
-            last = torch.minimum(first + c - 1, e)
-            w0 = torch.maximum(s0, last - T)
-            tok = val[(w0[:, None] + torch.arange(T + 1, device=device)).clamp(max=n - 1)].long()
-            x, y = tok[:, :-1], tok[:, 1:]
-            tgt = w0[:, None] + 1 + torch.arange(T, device=device)
-            mask = (tgt >= first[:, None]) & (tgt <= last[:, None])
-            with autocast(device, amp_dtype(hp, device)):
-                nll = model(x, y, per_token=True)
-            nbytes = base[y] + (lead[y] & ~bound[x])
-            sums += torch.stack((torch.where(mask, nll.detach().double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
-            if out is not None:
-                out[tgt[mask]] = nll.detach()[mask].double()
-            ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    for m in linears:
-        m.lora = None
-    model.requires_grad_(True)
+    for ph in range(P):
+        phase = [d for d in docs if d[0] * P // n == ph]
+        mine = sorted(phase, key=lambda d: (d[1] - d[0], d[0]))[rank::world]  # like lengths batch together, even ranks
+        model.requires_grad_(False)
+        for i in range(0, len(mine), nb):
+            batch = mine[i:i + nb] + [(0, 0)] * (nb - len(mine[i:i + nb]))  # padding rows score nothing
+            s0, e = torch.tensor(batch, device=device).T
+            adapters = []
+            for m, a in zip(linears, a0):  # B = 0: each adapter starts as the identity
+                m.lora = (a.expand(nb, -1, -1).clone().requires_grad_(),
+                          torch.zeros(nb, m.weight.size(0), r, device=device, requires_grad=True))
+                adapters += m.lora
+            opt = torch.optim.AdamW(adapters, lr=hp["TTT_LORA_LR"], weight_decay=0.0)
+            for k in range(-(-int((e - s0).max()) // c)):
+                first, T = s0 + 1 + k * c, min((k + 1) * c, L)
+                last = torch.minimum(first + c - 1, e)
+                w0 = torch.maximum(s0, last - T)
+                tok = val[(w0[:, None] + torch.arange(T + 1, device=device)).clamp(max=n - 1)].long()
+                x, y = tok[:, :-1], tok[:, 1:]
+                tgt = w0[:, None] + 1 + torch.arange(T, device=device)
+                mask = (tgt >= first[:, None]) & (tgt <= last[:, None])
+                with autocast(device, amp_dtype(hp, device)):
+                    nll = model(x, y, per_token=True)
+                nbytes = base[y] + (lead[y] & ~bound[x])
+                sums += torch.stack((torch.where(mask, nll.detach().double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
+                if out is not None:
+                    out[tgt[mask]] = nll.detach()[mask].double()
+                ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        for m in linears:
+            m.lora = None
+        model.requires_grad_(True)
+        if ph < P - 1 and phase:  # every rank has scored its share of the phase: train the base on all of it
+            ttt_sgd(hp, model, sgd, val, phase[0][0] + 1, phase[-1][1], ph / (P - 1), rank, world)
     return metrics(sums, world)
 
 
@@ -1547,12 +1539,9 @@ def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, re
     qat, amp = hp["QAT_THRESHOLD"] > 0, amp_dtype(hp, device)
     model.set_qat(hp if qat else None)
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
-    log(f"features: attention:{attn_backend} compile:{'on' if use_compile else 'off'} xsa_layers:{xsa} "
-        f"ve_layers:{model.ve_layers} rope_dims:{hp['ROPE_DIMS'] or 'all'} ln_scale:{hp['LN_SCALE']} smear_gate:{hp['SMEAR_GATE']} "
-        f"bigram:{hp['BIGRAM_VOCAB_SIZE']}x{hp['BIGRAM_DIM'] if hp['BIGRAM_VOCAB_SIZE'] else 0} ema:{hp['EMA_DECAY']} "
-        f"qat_threshold:{hp['QAT_THRESHOLD']} clips:{hp['QUANT_CLIPS']} mlp_act:{hp['MLP_ACT']} skip_gates:{hp['SKIP_GATES']} "
-        f"parallel_from:{hp['PARALLEL_FROM']} loop:{hp['LOOP_LAYERS'] or 'off'}x{hp['LOOP_REPEATS']}@{hp['LOOP_START']} "
-        f"layers_per_pass:{[len(o) for o in model.orders]} autocast:{'bf16' if amp else 'off'}")
+    log(f"features: attention:{attn_backend} compile:{'on' if use_compile else 'off'} autocast:{'bf16' if amp else 'off'} "
+        f"xsa_layers:{xsa} ve_layers:{model.ve_layers} layers_per_pass:{[len(o) for o in model.orders]} "
+        f"ema:{hp['EMA_DECAY']} qat_threshold:{hp['QAT_THRESHOLD']} (every setting is in the log above)")
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
                                               broadcast_buffers=False) if world > 1 else fwd

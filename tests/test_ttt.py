@@ -145,11 +145,37 @@ def test_doc_ttt_score_depends_only_on_earlier_tokens_of_its_document(val, luts)
                   (100, long_doc - 1, long_doc, long_doc + 1, long_doc + 16, long_doc + 17, 800), seed=2)
 
 
+def test_doc_phases_train_the_base_only_on_scored_phases(val, luts, monkeypatch):
+    """TTT_DOC_PHASES=3: after phases 1 and 2 (documents starting in positions 0..299, 300..599 of 900) the base takes
+    SGD steps on exactly that phase's targets, all scored by then; legality holds bit for bit across the phase
+    boundaries, and the phases change the later scores (so the test can fail)."""
+    hp, v = doc_hp(TTT_DOC_PHASES=3), val[:900]
+    out, calls, grad = torch.full((len(v),), float("nan"), dtype=torch.float64), [], T.ttt_grad
+
+    def spy(model, w, a, b, *args):
+        assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()
+        calls.append((a, b))
+        return grad(model, w, a, b, *args)
+    monkeypatch.setattr(T, "ttt_grad", spy)
+    T.ttt_doc(hp, noisy_model(hp), v, luts, 0, 1, out=out)
+    monkeypatch.setattr(T, "ttt_grad", grad)
+    bos = [0] + [i for i in range(1, len(v) - 1) if v[i] == T.BOS_ID]
+    ends = [next(b for b in bos if b >= cut) for cut in (300, 600)]  # each phase ends with its last document's end
+    assert calls == [(1, ends[0])] * 2 + [(ends[0] + 1, ends[1])] * 2
+    ref, _ = doc_scores(hp, v, luts)
+    torch.testing.assert_close(ref, out, rtol=0, atol=0, equal_nan=True)
+    one, _ = doc_scores(doc_hp(), v, luts)
+    assert torch.equal(one[:ends[0] + 1].nan_to_num(), ref[:ends[0] + 1].nan_to_num())  # phase 1: no SGD yet
+    assert not torch.equal(one[ends[0] + 1:], ref[ends[0] + 1:])
+    assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref, (ends[0] - 1, ends[0], ends[0] + 1, 450, ends[1], 700), seed=3)
+
+
 def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monkeypatch):
     monkeypatch.setattr(T, "metrics", lambda sums, world: sums)  # this rank's sums, not all-reduced
+    monkeypatch.setattr(T, "ttt_sgd", lambda *a: None)  # phases: ranks simulated one after another cannot all-reduce
     v, res = val[:700], []
-    for world, batch in ((1, 4), (2, 3), (3, 32)):
-        hp, covered, total = doc_hp(TTT_DOC_BATCH=batch), torch.zeros(len(v), dtype=torch.int64), 0
+    for world, batch, phases in ((1, 4, 1), (2, 3, 1), (3, 32, 1), (1, 4, 3), (2, 3, 2)):
+        hp, covered, total = doc_hp(TTT_DOC_BATCH=batch, TTT_DOC_PHASES=phases), torch.zeros(len(v), dtype=torch.int64), 0
         for r in range(world):
             out = torch.full((len(v),), float("nan"), dtype=torch.float64)
             total = total + T.ttt_doc(hp, noisy_model(hp), v, luts, r, world, out=out)
@@ -190,15 +216,16 @@ def test_chunks_score_each_target_once_in_its_own_chunk(n, L, stride, C):
 
 @pytest.mark.parametrize("env,msg", [
     ({"TTT": "foo"}, "TTT='foo' must be off, chunk or doc"),
-    ({"TTT_CHUNK_TOKENS": "0"}, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive"),
-    ({"TTT_EPOCHS": "0"}, "TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive"),
-    ({"TTT_LR": "-1"}, "TTT_LR must be positive"),
-    ({"TTT_MOMENTUM": "1"}, "TTT_MOMENTUM in [0, 1)"),
+    ({"TTT_CHUNK_TOKENS": "0"}, "TTT_CHUNK_TOKENS=0 must be positive"),
+    ({"TTT_EPOCHS": "0"}, "TTT_EPOCHS=0 must be positive"),
+    ({"TTT_LR": "-1"}, "TTT_LR=-1.0 must be positive"),
+    ({"TTT_MOMENTUM": "1"}, "TTT_MOMENTUM=1.0 must be in [0, 1)"),
     ({"DOC_MASK": "2"}, "DOC_MASK=2 must be 0 or 1"),
     ({"TTT": "lora", "EVAL_ONLY": "1", "ARTIFACT": "x.ptz"}, "TTT='lora' must be off, chunk or doc"),
-    ({"TTT_DOC_CHUNK": "0"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
-    ({"TTT_LORA_RANK": "-2"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
-    ({"TTT_LORA_LR": "0"}, "TTT_DOC_CHUNK, TTT_LORA_RANK, TTT_DOC_BATCH and TTT_LORA_LR must be positive"),
+    ({"TTT_DOC_CHUNK": "0"}, "TTT_DOC_CHUNK=0 must be positive"),
+    ({"TTT_LORA_RANK": "-2"}, "TTT_LORA_RANK=-2 must be positive"),
+    ({"TTT_LORA_LR": "0"}, "TTT_LORA_LR=0.0 must be positive"),
+    ({"TTT_DOC_PHASES": "0"}, "TTT_DOC_PHASES=0 must be positive"),
 ])
 def test_bad_ttt_settings_are_refused_with_one_line(env, msg):
     with pytest.raises(T.UserError) as e:
@@ -206,19 +233,20 @@ def test_bad_ttt_settings_are_refused_with_one_line(env, msg):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("protocol", ["chunk", "doc"])
+@pytest.mark.parametrize("protocol", ["chunk", "doc", "doc-phases"])
 def test_ttt_one_rank_equals_two_gloo_ranks(smoke, tmp_path, protocol):
     """EVAL_ONLY with TTT on one artifact: 1 process and 2 gloo ranks give the same score; the TTT line comes after
     the sliding line, with its timing and the full-split extrapolation."""
     from conftest import metric, run_script
-    env = {"EVAL_ONLY": "1", "ARTIFACT": smoke["artifact"], "TTT": protocol, "VAL_MAX_TOKENS": "4096",
+    env = {"EVAL_ONLY": "1", "ARTIFACT": smoke["artifact"], "TTT": protocol.split("-")[0], "VAL_MAX_TOKENS": "4096",
+           "TTT_DOC_PHASES": "2" if protocol == "doc-phases" else "1",
            "TTT_CHUNK_TOKENS": "1024", "TTT_LR": "0.01", "EVAL_BATCH_SEQS": "8", "TTT_LORA_RANK": "8", "TTT_DOC_BATCH": "16"}
     scores = []
     for nproc, d in ((0, tmp_path / "one"), (2, tmp_path / "two")):
         rc, out, err, log = run_script(env, d, nproc=nproc)
         assert rc == 0, err[-3000:]
         assert log.index("final_sliding_exact") < log.index("final_ttt_exact") < log.index("ttt_eval tokens:4095 ")
-        assert f"protocol:{protocol}" in log and "full_split_8gpu_estimate_s:" in log
+        assert f"protocol:{env['TTT']}" in log and "full_split_8gpu_estimate_s:" in log
         scores.append((metric(log, "final_ttt_exact"), metric(log, "final_ttt_exact", "val_loss"), metric(log, "final_sliding_exact")))
     (one, one_loss, slide), (two, two_loss, _) = scores
     assert abs(one - two) < 1e-6 and abs(one_loss - two_loss) < 1e-6
