@@ -1250,87 +1250,6 @@ def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tenso
     return metrics(sums, world)
 
 
-# ----------------------------------------------------------------------------- training loop
-class Logger:
-    """Rank 0 writes every line to stdout and to the run's log file; other ranks stay silent."""
-
-    def __init__(self, rank):
-        self.rank, self.file = rank, None
-
-    def open(self, path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8", newline="")
-
-    def __call__(self, msg: str, console: bool = True):
-        if self.rank != 0:
-            return
-        if console:
-            from tqdm import tqdm
-            tqdm.write(msg)
-        if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
-
-
-def on_rank0(fn, rank, world):
-    """Run fn on rank 0 only; if it fails, every rank raises, so no rank waits forever at the next collective."""
-    err, out = None, None
-    if rank == 0:
-        try:
-            out = fn()
-        except (UserError, OSError) as e:
-            err = e if isinstance(e, UserError) else UserError(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}")
-    if world > 1:
-        flag = torch.tensor([float(err is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag)
-        if flag.item() and err is None:
-            err = UserError("rank 0 failed (see its message)")
-    if err is not None:
-        raise err
-    return out
-
-
-def train_cap_ms(hp) -> float:
-    """Wall-clock end of the training loop (0 = none): the cap, less GPTQ's calibration reserve under gptq."""
-    reserve = hp["GPTQ_RESERVE_SECONDS"] if hp["QUANT_METHOD"] == "gptq" else 0.0
-    return 1000 * (hp["MAX_WALLCLOCK_SECONDS"] - reserve) if hp["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
-
-
-def budget_frac(hp, step: int, elapsed_ms: float) -> float:
-    """Fraction of the training budget used: of ITERATIONS, or of the wall-clock cap if that comes first."""
-    cap_ms = train_cap_ms(hp)
-    return max(step / hp["ITERATIONS"], elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
-
-
-def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
-    """1, then a linear warmdown towards 0 (floored at MIN_LR): over the last WARMDOWN_FRAC of the budget, or else
-    over the last WARMDOWN_ITERS steps, measured in time with a wall-clock cap: remaining / (N * mean step time)."""
-    wd, mult = hp["WARMDOWN_ITERS"], 1.0
-    if hp["WARMDOWN_FRAC"] > 0:
-        mult = min(1.0, (1.0 - budget_frac(hp, step, elapsed_ms)) / hp["WARMDOWN_FRAC"])
-    elif wd > 0:
-        mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
-        cap_ms = train_cap_ms(hp)
-        if cap_ms > 0 and step > 0 and elapsed_ms > 0:
-            mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
-    return max(mult, hp["MIN_LR"])
-
-
-def load_artifact_model(path: str, device) -> tuple[GPT, dict, int]:
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read artifact {path}: {e.strerror}") from None
-    meta, entries = unpack_artifact(blob, path)
-    model = GPT(meta["config"]).to(device)
-    try:
-        model.load_state_dict(dequantize(entries))
-    except RuntimeError:
-        raise UserError(f"{path} does not match the architecture in its own metadata") from None
-    return model, meta, len(blob)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 CKPT_MAGIC = b"PGOLFCK\x01"  # file = magic + sha256(payload) + payload (torch.save of tensors, numbers and strings)
 CKPT_FREE = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH", "COMPILE", "TRAIN_LOG_EVERY", "VAL_LOSS_EVERY",
@@ -1430,6 +1349,87 @@ def restore_checkpoint(ck: dict, model: GPT, opts, ema, loader) -> tuple[int, fl
     if ck["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ck["cuda_rng"])
     return ck["step"], ck["elapsed_ms"], ck["switches"]
+
+
+# ----------------------------------------------------------------------------- training loop
+class Logger:
+    """Rank 0 writes every line to stdout and to the run's log file; other ranks stay silent."""
+
+    def __init__(self, rank):
+        self.rank, self.file = rank, None
+
+    def open(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8", newline="")
+
+    def __call__(self, msg: str, console: bool = True):
+        if self.rank != 0:
+            return
+        if console:
+            from tqdm import tqdm
+            tqdm.write(msg)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+def on_rank0(fn, rank, world):
+    """Run fn on rank 0 only; if it fails, every rank raises, so no rank waits forever at the next collective."""
+    err, out = None, None
+    if rank == 0:
+        try:
+            out = fn()
+        except (UserError, OSError) as e:
+            err = e if isinstance(e, UserError) else UserError(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}")
+    if world > 1:
+        flag = torch.tensor([float(err is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag)
+        if flag.item() and err is None:
+            err = UserError("rank 0 failed (see its message)")
+    if err is not None:
+        raise err
+    return out
+
+
+def train_cap_ms(hp) -> float:
+    """Wall-clock end of the training loop (0 = none): the cap, less GPTQ's calibration reserve under gptq."""
+    reserve = hp["GPTQ_RESERVE_SECONDS"] if hp["QUANT_METHOD"] == "gptq" else 0.0
+    return 1000 * (hp["MAX_WALLCLOCK_SECONDS"] - reserve) if hp["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
+
+
+def budget_frac(hp, step: int, elapsed_ms: float) -> float:
+    """Fraction of the training budget used: of ITERATIONS, or of the wall-clock cap if that comes first."""
+    cap_ms = train_cap_ms(hp)
+    return max(step / hp["ITERATIONS"], elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
+
+
+def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
+    """1, then a linear warmdown towards 0 (floored at MIN_LR): over the last WARMDOWN_FRAC of the budget, or else
+    over the last WARMDOWN_ITERS steps, measured in time with a wall-clock cap: remaining / (N * mean step time)."""
+    wd, mult = hp["WARMDOWN_ITERS"], 1.0
+    if hp["WARMDOWN_FRAC"] > 0:
+        mult = min(1.0, (1.0 - budget_frac(hp, step, elapsed_ms)) / hp["WARMDOWN_FRAC"])
+    elif wd > 0:
+        mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
+        cap_ms = train_cap_ms(hp)
+        if cap_ms > 0 and step > 0 and elapsed_ms > 0:
+            mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
+    return max(mult, hp["MIN_LR"])
+
+
+def load_artifact_model(path: str, device) -> tuple[GPT, dict, int]:
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read artifact {path}: {e.strerror}") from None
+    meta, entries = unpack_artifact(blob, path)
+    model = GPT(meta["config"]).to(device)
+    try:
+        model.load_state_dict(dequantize(entries))
+    except RuntimeError:
+        raise UserError(f"{path} does not match the architecture in its own metadata") from None
+    return model, meta, len(blob)
 
 
 def main(env=None) -> dict:

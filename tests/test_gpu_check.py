@@ -114,7 +114,10 @@ def cuda_log(recompile_in_training=False):
               "V1129 torch/_dynamo/guards.py:5396] [1/1] [__recompiles] Recompiling function <lambda> in train_gpt.py:2",
               "final_roundtrip_exact val_loss:4.01000000 val_bpb:2.41000000 tokens:289999 eval_seconds:30.00",
               "final_sliding_exact val_loss:3.90000000 val_bpb:2.35000000 stride:64 seq_len:2048 eval_seconds:2.70",
-              "sliding_eval tokens:289999 tokens_per_s:107407 full_split_tokens:290000 full_split_estimate_s:2.7"]
+              "sliding_eval tokens:289999 tokens_per_s:107407 full_split_tokens:290000 full_split_estimate_s:2.7",
+              "final_ttt_exact val_loss:3.80000000 val_bpb:2.30000000 protocol:doc eval_seconds:10.00",
+              "ttt_eval tokens:289999 tokens_per_s:29000 full_split_tokens:290000 full_split_estimate_s:10.0 "
+              "full_split_8gpu_estimate_s:1.2"]
     return [(float(i), line) for i, line in enumerate(lines)]
 
 
@@ -146,6 +149,8 @@ def test_cuda_style_log_is_parsed_and_checked(recompile):
     assert e["step_ms_8gpu_compute_only"] == round(617.86 / 8, 2)
     assert e["steps_in_600s_8gpu_upper_bound"] == int(600_000 // (617.86 / 8))
     assert e["sliding_fineweb_val_s_8gpu"] == round(62_021_846 / (107407 * 8), 1)
+    assert r["ttt"]["protocol"] == "doc" and r["ttt"]["val_bpb"] == 2.3 and r["ttt"]["eval_seconds"] == 10.0
+    assert e["ttt_protocol"] == "doc" and e["ttt_fineweb_val_s_8gpu"] == round(62_021_846 / (29000 * 8), 1)
     # a smaller model is not "the record configuration at full size"
     p2 = G.parse_log([l.replace("num_layers:11", "num_layers:4") for _, l in lines], names)
     assert G.analyze("record", child, p2, {}, False, hp_defaults, {})["checks"]["full_size_record_config"] is False

@@ -13,8 +13,8 @@ global batch (MICRO_BATCHES accumulation steps), compiled, bf16 - exactly the de
 Then it reads the logs and writes DIR/summary.json: ms/step, tokens/s, peak memory, attention backend, compile,
 when late QAT switched on (and whether the switch made Dynamo recompile), step time before/after it, GPTQ's
 calibration (batches, seconds, inside the cap or not) and quantization seconds, the size lines,
-pre-quant / round-trip / sliding results with each phase's seconds and tokens/s, and an extrapolation to 8 GPUs in
-600 s. DIR also gets each run's log (PRESET.txt), its console output (PRESET.console.txt) and this script's output
+pre-quant / round-trip / sliding (and, with --env TTT=chunk|doc, TTT) results with each phase's seconds and
+tokens/s, and an extrapolation to 8 GPUs in 600 s. DIR also gets each run's log (PRESET.txt), its console output (PRESET.console.txt) and this script's output
 (gpu_check.txt); artifacts go to a temporary folder and are deleted.
 
 Data (the summary's "data" says which): --data DIR (+ --tokenizer MODEL, else the manifest's or DIR's *.model) for
@@ -131,7 +131,8 @@ def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
         p["train_done"] = dict(steps=lg.steps, train_ms=lg.train_ms, step_avg_ms=lg.step_avg_ms,
                                peak_mem_gib=value(lg.train_done["peak_mem_gib"]) if "peak_mem_gib" in lg.train_done else None)
     for key, name, extra in (("pre_quant", "pre_quant_exact", ()), ("roundtrip", "final_roundtrip_exact", ("tokens", "eval_seconds")),
-                             ("sliding", "final_sliding_exact", ("stride", "seq_len", "eval_seconds"))):
+                             ("sliding", "final_sliding_exact", ("stride", "seq_len", "eval_seconds")),
+                             ("ttt", "final_ttt_exact", ("protocol", "eval_seconds"))):
         if name in lg.finals:
             p[key] = dict(val_loss=lg.final(name, "val_loss"), val_bpb=lg.final(name), **last(name, *extra))
     budget = [l for l in lines if l.startswith("budget_fit:")]
@@ -147,6 +148,8 @@ def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
         p["total"] = dict(bytes=lg.logged_total, limit=value(t["limit"]) if "limit" in t else None, status=status)
     if "sliding_eval" in lg.last:
         p["sliding_eval"] = last("sliding_eval", "tokens", "tokens_per_s", "full_split_tokens", "full_split_estimate_s")
+    if "ttt_eval" in lg.last:
+        p["ttt_eval"] = last("ttt_eval", "tokens", "tokens_per_s", "full_split_tokens", "full_split_estimate_s")
     p["recompiles"] = sum(RECOMPILE in l for l in lines)
     p["graph_breaks"] = sum(GRAPH_BREAK in l for l in lines)
     p["hparams"] = {k: value(v) for k, v in lg.hparams.items() if k in hparam_names}
@@ -481,7 +484,7 @@ def analyze(preset: str, child: dict, p: dict, plan: dict, dry: bool, hp_default
                                                        and (t_train is None or t <= t_train)),
                         recompiles_during_warmup=sum(1 for t in rec if train_start is not None and t < train_start),
                         recompile_reasons=reasons),
-        gptq=p.get("gptq"), size=None, pre_quant=None, roundtrip=None, sliding=None,
+        gptq=p.get("gptq"), size=None, pre_quant=None, roundtrip=None, sliding=None, ttt=None,
     )
     if p.get("pre_quant"):
         # standard eval scores every target once: as many tokens as the round trip reports
@@ -519,6 +522,8 @@ def analyze(preset: str, child: dict, p: dict, plan: dict, dry: bool, hp_default
                               if finite(rt.get("val_bpb"), (p.get("pre_quant") or {}).get("val_bpb")) else None)
     if "sliding" in p:
         r["sliding"] = dict(p["sliding"], **(p.get("sliding_eval") or {}))
+    if "ttt" in p:
+        r["ttt"] = dict(p["ttt"], **(p.get("ttt_eval") or {}))
     r["checks"] = checks(preset, r, p, dry, hp_defaults, env)
     return r
 
@@ -581,6 +586,10 @@ def extrapolate(preset: str, r: dict) -> dict | None:
         e["sliding_fineweb_val_s_8gpu"] = round(FINEWEB_VAL_TOKENS / (tps * N_GPUS), 1)
         if a and "sliding_eval_s_8xh100" in a:
             e["public_sliding_eval_s_8xh100"] = a["sliding_eval_s_8xh100"]
+    tt = r.get("ttt") or {}
+    if finite(tt.get("tokens_per_s")) and tt["tokens_per_s"] > 0:
+        e["ttt_protocol"], e["ttt_tokens_per_s_1gpu"] = tt.get("protocol"), tt["tokens_per_s"]
+        e["ttt_fineweb_val_s_8gpu"] = round(FINEWEB_VAL_TOKENS / (tt["tokens_per_s"] * N_GPUS), 1)
     return e
 
 
@@ -592,6 +601,8 @@ ASSUMPTIONS = [
     "forward); one GPU cannot measure the communication, so steps_in_600s_8gpu_upper_bound is an upper bound",
     "the 8-GPU sliding eval splits the windows evenly over the ranks: time ~= one-GPU time/8, without model load, "
     "compile and the all-reduce of the sums; sliding_fineweb_val_s_8gpu uses the published 62,021,846-token split",
+    "TTT (--env TTT=chunk|doc) likewise: ttt_fineweb_val_s_8gpu = the one-GPU rate x 8 on the same split, without the "
+    "gradient all-reduce of each chunk's (or phase's) SGD steps, which one GPU cannot measure",
     "measured on the device named in the summary; an H200 has the H100's compute and ~1.4x its memory bandwidth, so an "
     "H100 is as fast or slightly slower",
     "a run of this length trains a model far from converged (EMA weights still near their initialization): its "
@@ -813,6 +824,8 @@ def report(s: dict) -> None:
                 line += f"; public 8xH100: {e['public_8xh100_step_ms']} ms/step"
             if "sliding_fineweb_val_s_8gpu" in e:
                 line += f"; sliding eval of the full FineWeb val ~{e['sliding_fineweb_val_s_8gpu']} s"
+            if "ttt_fineweb_val_s_8gpu" in e:
+                line += f"; TTT={e['ttt_protocol']} ~{e['ttt_fineweb_val_s_8gpu']} s (+ its all-reduces)"
             say(line)
     bad = [k for k, v in s["checks"].items() if v is False]
     say(f"checks: {sum(v is True for v in s['checks'].values())} passed, {len(bad)} failed"
