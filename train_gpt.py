@@ -1216,6 +1216,7 @@ def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tenso
         phase = [d for d in docs if d[0] * P // n == ph]
         mine = sorted(phase, key=lambda d: (d[1] - d[0], d[0]))[rank::world]  # like lengths batch together, even ranks
         model.requires_grad_(False)
+        doc_mask, model.hp["DOC_MASK"] = model.hp["DOC_MASK"], 0  # no window holds an earlier document: causal suffices
         for i in range(0, len(mine), nb):
             batch = mine[i:i + nb] + [(0, 0)] * (nb - len(mine[i:i + nb]))  # padding rows score nothing
             s0, e = torch.tensor(batch, device=device).T
@@ -1228,7 +1229,7 @@ def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tenso
             for k in range(-(-int((e - s0).max()) // c)):
                 first, T = s0 + 1 + k * c, min((k + 1) * c, L)
                 last = torch.minimum(first + c - 1, e)
-                w0 = torch.maximum(s0, last - T)
+                w0 = s0 + max(0, (k + 1) * c - T)  # set by the step alone: never by where the document ends
                 tok = val[(w0[:, None] + torch.arange(T + 1, device=device)).clamp(max=n - 1)].long()
                 x, y = tok[:, :-1], tok[:, 1:]
                 tgt = w0[:, None] + 1 + torch.arange(T, device=device)
@@ -1245,6 +1246,7 @@ def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tenso
         for m in linears:
             m.lora = None
         model.requires_grad_(True)
+        model.hp["DOC_MASK"] = doc_mask
         if ph < P - 1 and phase:  # every rank has scored its share of the phase: train the base on all of it
             ttt_sgd(hp, model, sgd, val, phase[0][0] + 1, phase[-1][1], ph / (P - 1), rank, world)
     return metrics(sums, world)

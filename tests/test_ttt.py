@@ -21,12 +21,13 @@ def val(sample_data):
 
 
 def assert_causal(scores, v, ref, positions, seed):
-    """For each p: every token after p replaced at random leaves the scores of targets <= p bit-identical (and
-    changes later ones, so the test can fail)."""
+    """For each p: every token after p replaced at random (BOS included, so documents end elsewhere) leaves the scores
+    of targets <= p bit-identical (and changes later ones, so the test can fail)."""
     g = torch.Generator().manual_seed(seed)
     for p in positions:
         w = v.clone()
-        w[p + 1:] = torch.randint(2, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
+        w[p + 1:] = torch.randint(0, 1024, (len(v) - p - 1,), generator=g, dtype=w.dtype)
+        w[p + 1 + torch.randperm(len(v) - p - 1, generator=g)[:(len(v) - p) // 40]] = T.BOS_ID
         got = scores(w)
         assert torch.equal(got[:p + 1].nan_to_num(), ref[:p + 1].nan_to_num()), p
         assert not torch.equal(got[p + 1:], ref[p + 1:])
@@ -125,14 +126,15 @@ def doc_scores(hp, val, luts):
     return out, T.ttt_doc(hp, model, val, luts, 0, 1, out=out)
 
 
-def test_doc_ttt_score_depends_only_on_earlier_tokens_of_its_document(val, luts):
+@pytest.mark.parametrize("doc_mask", [0, 1])
+def test_doc_ttt_score_depends_only_on_earlier_tokens_of_its_document(val, luts, doc_mask):
     """Legality under TTT=doc, bit for bit; each document's first chunk is scored by the untouched model on that
     document alone (fresh adapter, no context from before its BOS); later chunks gain from the adapter."""
-    hp, v = doc_hp(), val[:900]
+    hp, v = doc_hp(DOC_MASK=doc_mask), val[:900]
     ref, (loss, _, n) = doc_scores(hp, v, luts)
     assert n == len(v) - 1 and not ref[1:].isnan().any()
     bos = [i for i in range(1, len(v) - 1) if v[i] == T.BOS_ID]
-    plain = noisy_model(hp)
+    plain = noisy_model(hp)  # with DOC_MASK=1 the mask itself (ttt_doc's windows do without it)
     with torch.no_grad():
         for s0, end in zip(bos, bos[1:] + [len(v) - 1]):  # a document scores its targets up to the next BOS
             e = min(s0 + 16, end)
@@ -143,6 +145,17 @@ def test_doc_ttt_score_depends_only_on_earlier_tokens_of_its_document(val, luts)
     long_doc = max(zip(bos, bos[1:]), key=lambda d: d[1] - d[0])[0]
     assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref,
                   (100, long_doc - 1, long_doc, long_doc + 1, long_doc + 16, long_doc + 17, 800), seed=2)
+
+
+def test_doc_ttt_last_chunk_of_a_long_document_does_not_see_where_it_ends(val, luts):
+    """A document longer than the window (128) + TTT_DOC_CHUNK: the scores of its last targets stay bit-identical
+    when the next BOS moves (the window of a step is placed by the step, not by the document's end)."""
+    starts = (val[:-1] == T.BOS_ID).nonzero().flatten().tolist()
+    s0, e = next((a, b) for a, b in zip(starts, starts[1:]) if b - a > 200)
+    v, hp = val[s0 - 40:e + 60], doc_hp()
+    e -= s0 - 40
+    ref, _ = doc_scores(hp, v, luts)
+    assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref, (e - 1, e - 2, e - 15, e - 16, e - 17), seed=4)
 
 
 def test_doc_phases_train_the_base_only_on_scored_phases(val, luts, monkeypatch):
@@ -171,16 +184,22 @@ def test_doc_phases_train_the_base_only_on_scored_phases(val, luts, monkeypatch)
 
 
 def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monkeypatch):
+    """Every target scored exactly once for any world size, document batch and phase count, and each target's score
+    is the same bits whichever rank and batch mates it gets (no row leaks into another)."""
     monkeypatch.setattr(T, "metrics", lambda sums, world: sums)  # this rank's sums, not all-reduced
     monkeypatch.setattr(T, "ttt_sgd", lambda *a: None)  # phases: ranks simulated one after another cannot all-reduce
-    v, res = val[:700], []
-    for world, batch, phases in ((1, 4, 1), (2, 3, 1), (3, 32, 1), (1, 4, 3), (2, 3, 2)):
+    v, res, ref = val[:700], [], None
+    for world, batch, phases in ((1, 4, 1), (2, 4, 1), (3, 4, 1), (2, 3, 1), (3, 32, 1), (1, 4, 3), (2, 3, 2)):
         hp, covered, total = doc_hp(TTT_DOC_BATCH=batch, TTT_DOC_PHASES=phases), torch.zeros(len(v), dtype=torch.int64), 0
+        scores = torch.zeros(len(v), dtype=torch.float64)
         for r in range(world):
             out = torch.full((len(v),), float("nan"), dtype=torch.float64)
             total = total + T.ttt_doc(hp, noisy_model(hp), v, luts, r, world, out=out)
             covered += ~out.isnan()
+            scores += out.nan_to_num()
         assert total[2] == len(v) - 1 and covered[1:].eq(1).all() and covered[0] == 0
+        ref = scores if ref is None else ref
+        assert torch.equal(scores, ref), (world, batch, phases)
         res.append(total)
     for other in res[1:]:
         torch.testing.assert_close(other, res[0], rtol=1e-9, atol=0)
