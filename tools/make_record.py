@@ -6,7 +6,8 @@ Writes records/track_<track>/YYYY-MM-DD_<name>/ (or --out) with:
                     self-extracting copy of it; bytes_code and bytes_total then count the packed file)
   train_seed<S>.log each log, unchanged
   submission.json   author, github_id, name, blurb, date, track, val_loss, val_bpb (means over the logs of the
-                    submission metric: final_sliding_exact, else final_roundtrip_exact), val_loss_std,
+                    submission metric: final_ttt_exact, else final_sliding_exact, else final_roundtrip_exact),
+                    val_loss_std,
                     val_bpb_std (sample std, n - 1), bytes_total (largest code + artifact over the logs),
                     bytes_code, seeds, seed_results, metric, hardware, pytorch_version
   README.md         the facts (result, per-seed table, configuration, reproduce command) and `<!-- AUTHOR: -->`
