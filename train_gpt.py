@@ -39,6 +39,13 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
 
 
+# The challenge's limits and the log's code-block markers, defined here once (the tools read them from this file).
+LIMIT_BYTES = 16_000_000  # code + artifact bytes, decimal
+LIMIT_SECONDS = 600.0  # training time on 8 GPUs, and separately evaluation time
+CODE_HEAD = "==== code: {name} code_bytes:{n} sha256:{sha} ===="  # the log starts with the script, byte for byte
+CODE_END = "==== end of code ===="
+
+
 # ----------------------------------------------------------------------------- hyperparameters
 # (ENV_NAME, default, what it does). The type is the default's type; lists are comma-separated strings.
 HPARAMS = [
@@ -87,7 +94,7 @@ HPARAMS = [
     ("WARMDOWN_ITERS", 3500, "linear LR decay over the last N steps (measured in wall-clock when capped)"),
     ("WARMDOWN_FRAC", 0.0, "instead, decay over this fraction of the budget (time when capped, else ITERATIONS): later records' form (0 = use WARMDOWN_ITERS)"),
     ("MIN_LR", 0.0, "LR multiplier floor during warmdown: keeps the last steps learning"),
-    ("MAX_WALLCLOCK_SECONDS", 600.0, "training time cap (0 = none)"),
+    ("MAX_WALLCLOCK_SECONDS", LIMIT_SECONDS, "training time cap (0 = none)"),
     ("VAL_LOSS_EVERY", 0, "evaluate every N steps during training (0 = only at the end)"),
     ("TRAIN_LOG_EVERY", 200, "log the training loss every N steps"),
     # optimizer
@@ -120,7 +127,7 @@ HPARAMS = [
     ("GPTQ_DAMP", 0.01, "gptq: add this fraction of mean(diag H) to diag H: keeps the Cholesky stable"),
     ("QUANT_MIN_NUMEL", 65536, "matrices with at most this many values stay fp16"),
     ("EMBED_FP16", 0, "ship the tied embedding in fp16, not int8: it is also the output layer, the costliest to round"),
-    ("SIZE_LIMIT_BYTES", 16000000, "cap on code + artifact bytes; the exporter shrinks the artifact to fit"),
+    ("SIZE_LIMIT_BYTES", LIMIT_BYTES, "cap on code + artifact bytes; the exporter shrinks the artifact to fit"),
     # evaluation
     ("VAL_MAX_TOKENS", 0, "evaluate on this many validation tokens (0 = whole split)"),
     ("EVAL_SEQ_LEN", 0, "evaluation window length (0 = TRAIN_SEQ_LEN)"),
@@ -161,7 +168,7 @@ SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_
     NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=4096,
     MICRO_BATCHES=2, ITERATIONS=40, WARMUP_STEPS=2, WARMDOWN_ITERS=20, MAX_WALLCLOCK_SECONDS=0.0, TRAIN_LOG_EVERY=10,
     MUON_MOMENTUM_WARMUP_STEPS=20, EMA_DECAY=0.9, QUANT_MIN_NUMEL=4096, VAL_MAX_TOKENS=32768, BIGRAM_VOCAB_SIZE=512,
-    BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, SIZE_LIMIT_BYTES=16000000, GPTQ_CALIB_BATCHES=4,
+    BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, GPTQ_CALIB_BATCHES=4,
 )
 SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2", LOOP_START="0.3,0.6", BIGRAM_VOCAB_SIZE=0)}
 
@@ -1472,9 +1479,9 @@ def run(hp, log, rank, world, device, use_compile, run_id, artifact_path) -> dic
     script = os.path.abspath(__file__)
     with open(script, "rb") as f:
         code = f.read()
-    log(f"==== code: {os.path.basename(script)} code_bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()} ====", console=False)
+    log(CODE_HEAD.format(name=os.path.basename(script), n=len(code), sha=hashlib.sha256(code).hexdigest()), console=False)
     log(code.decode("utf-8"), console=False)
-    log("==== end of code ====", console=False)
+    log(CODE_END, console=False)
     log(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"device:{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
         f"world_size:{world} cuda:{torch.version.cuda}")
