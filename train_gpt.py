@@ -3,11 +3,14 @@
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py          (record recipe, 600 s cap)
       SMOKE=1 python train_gpt.py                                      (tiny CPU run on the sample data)
       EVAL_ONLY=1 ARTIFACT=final.ptz torchrun ... train_gpt.py         (re-score an artifact)
-Every setting is an environment variable; see HPARAMS below. Importing this file has no side effects.
+Every setting is an environment variable (HPARAMS below). Importing this file has no side effects. `main` at the end
+is the table of contents: configuration -> train -> calibrate -> export -> reload from disk -> score. The sections
+follow that data flow; each one's header lists what it holds.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import glob
 import hashlib
@@ -44,9 +47,8 @@ LIMIT_BYTES = 16_000_000  # code + artifact bytes, decimal
 LIMIT_SECONDS = 600.0  # training time on 8 GPUs, and separately evaluation time
 CODE_HEAD = "==== code: {name} code_bytes:{n} sha256:{sha} ===="  # the log starts with the script, byte for byte
 CODE_END = "==== end of code ===="
-
-
-# ----------------------------------------------------------------------------- hyperparameters
+# ----------------------------------------------------------------------------- configuration
+# Settings (HPARAMS, PRESETS, SMOKE), resolved once into a read-only Config (resolve_config) with its derived values.
 # (ENV_NAME, default, what it does). The type is the default's type; lists are comma-separated strings.
 HPARAMS = [
     ("DATA_PATH", "./data/datasets/fineweb10B_sp1024", "directory with *_train_*.bin and *_val_*.bin shards"),
@@ -156,7 +158,7 @@ PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
                      SCALAR_LR=0.04, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500,
                      MUON_WD=0.0, ADAM_WD=0.0, EMBED_WD=0.0, GRAD_CLIP_NORM=0.0, EMA_DECAY=0.0, QUANT_METHOD="rtn", QUANT_CLIPS="1.0",
                      WARMDOWN_ITERS=1200, EVAL_STRIDE=0, ROPE_BASE=10000.0),
-    # the best published run without test-time training (1.0835, 2026-04-06; DESIGN section 10), on the sp8192 data
+    # the best published run without test-time training (1.0835, 2026-04-06), on the sp8192 data
     "frontier": dict(DATA_PATH="./data/datasets/fineweb10B_sp8192", TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model",
                      MLP_MULT=4, MLP_ACT="leaky2", ROPE_BASE=10000.0, XSA_LAST_N=11, SMEAR_GATE=0, BIGRAM_VOCAB_SIZE=0,
                      VE_LAYERS="", SKIP_GATES=1, PARALLEL_FROM=7, LOOP_LAYERS="4,5", LOOP_REPEATS=2, LOOP_START="0.5,0.65",
@@ -171,10 +173,17 @@ SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_
     BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, GPTQ_CALIB_BATCHES=4,
 )
 SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2", LOOP_START="0.3,0.6", BIGRAM_VOCAB_SIZE=0)}
+CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
+           "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
+           "COMPILE": (-1, 0, 1), **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK",
+                                                        "MUON_ROW_NORM", "EMBED_FP16")}}
+POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
+            "ITERATIONS", "SDCLIP_K", "SDCLIP_K_EMBED", "GPTQ_CALIB_BATCHES", "GPTQ_DAMP", "TTT_CHUNK_TOKENS", "TTT_LR",
+            "TTT_EPOCHS", "TTT_DOC_CHUNK", "TTT_LORA_RANK", "TTT_LORA_LR", "TTT_DOC_BATCH", "TTT_DOC_PHASES")
 
 
 def parse_hparams(env=None) -> dict:
-    """Hyperparameters from the environment: explicit variable > SMOKE > PRESET > default."""
+    """Settings from the environment: explicit variable > SMOKE > PRESET > default (types checked, nothing else)."""
     env = os.environ if env is None else env
     preset = env.get("PRESET", "record")
     if preset not in PRESETS:
@@ -185,7 +194,7 @@ def parse_hparams(env=None) -> dict:
         raise UserError(f"SMOKE={smoke!r} must be 0 or 1")
     if smoke == "1":
         defaults |= SMOKE | SMOKE_PRESET.get(preset, {})
-    hp = {"PRESET": preset, "SMOKE": int(smoke == "1"), "VOCAB_AUTO": int(env.get("VOCAB_SIZE", "") == "")}
+    hp = {"PRESET": preset, "SMOKE": int(smoke == "1")}
     for name, default, _ in HPARAMS:
         raw, d = env.get(name), defaults[name]
         if raw is None or raw == "" and not isinstance(d, str):
@@ -200,13 +209,60 @@ def parse_hparams(env=None) -> dict:
     return hp
 
 
-CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
-           "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
-           "COMPILE": (-1, 0, 1), **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK",
-                                                        "MUON_ROW_NORM", "EMBED_FP16")}}
-POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
-            "ITERATIONS", "SDCLIP_K", "SDCLIP_K_EMBED", "GPTQ_CALIB_BATCHES", "GPTQ_DAMP", "TTT_CHUNK_TOKENS", "TTT_LR",
-            "TTT_EPOCHS", "TTT_DOC_CHUNK", "TTT_LORA_RANK", "TTT_LORA_LR", "TTT_DOC_BATCH", "TTT_DOC_PHASES")
+def num_list(hp, key: str, kind=int, what: str = "numbers") -> list:
+    """A comma-separated setting as a list ('' = empty)."""
+    raw = str(hp[key]).replace(" ", "")
+    try:
+        return [kind(t) for t in raw.split(",")] if raw else []
+    except ValueError:
+        raise UserError(f"{key}={hp[key]!r} must be comma-separated {what}") from None
+
+
+def ve_layers(arch) -> list[int]:
+    n, layers = arch["NUM_LAYERS"], num_list(arch, "VE_LAYERS", what="layer indices")
+    if not all(-n <= i < n for i in layers):
+        raise UserError(f"VE_LAYERS={arch['VE_LAYERS']!r} names a layer that does not exist with NUM_LAYERS={n}")
+    return sorted({i % n for i in layers})
+
+
+def loop_layers(arch) -> list[int]:
+    """Depth recurrence: the contiguous block indices that run LOOP_REPEATS extra times ([] = off)."""
+    layers, n, raw = num_list(arch, "LOOP_LAYERS", what="block indices, e.g. 4,5"), arch["NUM_LAYERS"], arch["LOOP_LAYERS"]
+    if layers and (layers != list(range(layers[0], layers[-1] + 1)) or not 0 <= layers[0] <= layers[-1] < n):
+        raise UserError(f"LOOP_LAYERS={raw!r} must be contiguous increasing block indices in 0..{n - 1}, e.g. 4,5")
+    if layers and arch["LOOP_REPEATS"] < 1:
+        raise UserError(f"LOOP_REPEATS={arch['LOOP_REPEATS']} must be at least 1 when LOOP_LAYERS is set")
+    return layers
+
+
+def loop_starts(hp) -> list[float]:
+    """Budget fraction at which each extra pass through LOOP_LAYERS switches on."""
+    if not loop_layers(hp):
+        return []
+    R, starts = hp["LOOP_REPEATS"], num_list(hp, "LOOP_START", float, "fractions")
+    starts = starts * R if len(starts) == 1 else starts
+    if len(starts) != R or not all(0 <= a <= b <= 1 for a, b in zip([0.0] + starts, starts)):
+        raise UserError(f"LOOP_START={hp['LOOP_START']!r} needs one or LOOP_REPEATS={R} non-decreasing fractions in [0, 1]")
+    return starts
+
+
+def clips(hp) -> list[float]:
+    c = num_list(hp, "QUANT_CLIPS", float)
+    if not c or not all(0 < x <= 1 for x in c):
+        raise UserError(f"QUANT_CLIPS={hp['QUANT_CLIPS']!r}: each clip must be in (0, 1]")
+    return c
+
+
+def checkpoint_every(hp) -> tuple[int, float]:
+    """CHECKPOINT_EVERY as (steps, seconds), one of them 0."""
+    s = str(hp["CHECKPOINT_EVERY"]).strip()
+    try:
+        n = float(s[:-1]) if s.endswith("s") else int(s)
+    except ValueError:
+        n = -1
+    if not 0 <= n < math.inf:
+        raise UserError(f"CHECKPOINT_EVERY={s!r} must be a step count (500), seconds (600s) or 0")
+    return (0, n) if s.endswith("s") else (n, 0.0)
 
 
 def check_hparams(hp: dict, world: int) -> None:
@@ -244,75 +300,165 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hp["WARMUP_STEPS"] >= 0 and hp["WARMDOWN_ITERS"] >= 0, "WARMUP_STEPS and WARMDOWN_ITERS must be non-negative")
 
 
-def checkpoint_every(hp) -> tuple[int, float]:
-    """CHECKPOINT_EVERY as (steps, seconds), one of them 0."""
-    s = str(hp["CHECKPOINT_EVERY"]).strip()
+def load_tokenizer(path: str):
+    import sentencepiece as spm
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer not found: {path} (set TOKENIZER_PATH)")
+    sp = spm.SentencePieceProcessor()
     try:
-        n = float(s[:-1]) if s.endswith("s") else int(s)
-    except ValueError:
-        n = -1
-    if not 0 <= n < math.inf:
-        raise UserError(f"CHECKPOINT_EVERY={s!r} must be a step count (500), seconds (600s) or 0")
-    return (0, n) if s.endswith("s") else (n, 0.0)
+        sp.Load(path)
+    except (OSError, RuntimeError):
+        raise UserError(f"{path} is not a SentencePiece model") from None
+    return sp
 
 
-def eval_len(hp):
-    return hp["EVAL_SEQ_LEN"] or hp["TRAIN_SEQ_LEN"]
+class Config(dict):
+    """The settings, resolved once and read-only from then on (hp["NAME"]), with the values derived from them as
+    attributes: eval_len (evaluation window), loop_starts, clips (QUANT_CLIPS), checkpoint_every (steps, seconds),
+    arch (the ARCH_KEYS, which rebuild the model)."""
+
+    def __init__(self, values: dict):
+        super().__init__(values)
+        self.eval_len = self["EVAL_SEQ_LEN"] or self["TRAIN_SEQ_LEN"]
+        self.loop_starts, self.clips, self.checkpoint_every = loop_starts(self), clips(self), checkpoint_every(self)
+        self.arch = {k: self[k] for k in ARCH_KEYS}
+
+    def _read_only(self, *_, **__):
+        raise TypeError("the configuration is read-only once resolved; build another: Config(dict(hp) | changes)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _read_only
 
 
-def num_list(hp, key: str, kind=int, what: str = "numbers") -> list:
-    """A comma-separated setting as a list ('' = empty)."""
-    raw = str(hp[key]).replace(" ", "")
+def resolve_config(env=None, world: int = 1, stored_arch: dict | None = None) -> Config:
+    """The run's configuration, before anything runs: parse_hparams, then VOCAB_SIZE from the tokenizer unless it is
+    set (a missing tokenizer is reported where it is read), or under EVAL_ONLY the artifact's own architecture
+    (`stored_arch`), then every check."""
+    hp = parse_hparams(env)
+    env = os.environ if env is None else env
+    if stored_arch is not None:
+        hp |= {k: stored_arch[k] for k in ARCH_KEYS}
+    elif env.get("VOCAB_SIZE", "") == "" and os.path.isfile(hp["TOKENIZER_PATH"]):
+        hp["VOCAB_SIZE"] = load_tokenizer(hp["TOKENIZER_PATH"]).vocab_size()
+    check_hparams(hp, world)
+    return Config(hp)
+
+
+
+# ----------------------------------------------------------------------------- run context
+# Ranks, device, autocast, compile and the log in one Context (instead of rank/world threaded through every call).
+class Logger:
+    """Rank 0 writes every line to stdout and to the run's log file; other ranks stay silent."""
+
+    def __init__(self, rank):
+        self.rank, self.file = rank, None
+
+    def open(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8", newline="")
+
+    def __call__(self, msg: str, console: bool = True):
+        if self.rank != 0:
+            return
+        if console:
+            from tqdm import tqdm
+            tqdm.write(msg)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+@dataclasses.dataclass
+class Context:
+    """Where and how this process runs: rank of world, device, autocast dtype (None = fp32), whether models are
+    compiled, and the log (written by rank 0)."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    amp: torch.dtype | None = None
+    compile: bool = False
+    log: Logger = dataclasses.field(default_factory=lambda: Logger(0))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def progress(self, total, desc):
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, disable=self.rank != 0 or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
+
+    def on_rank0(self, fn):
+        """Run fn on rank 0 only; if it fails, every rank raises, so no rank waits forever at the next collective."""
+        err, out = None, None
+        if self.rank == 0:
+            try:
+                out = fn()
+            except (UserError, OSError) as e:
+                err = e if isinstance(e, UserError) else UserError(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}")
+        if self.world > 1:
+            flag = torch.tensor([float(err is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag)
+            if flag.item() and err is None:
+                err = UserError("rank 0 failed (see its message)")
+        if err is not None:
+            raise err
+        return out
+
+
+def amp_dtype(hp, device) -> torch.dtype | None:
+    """AUTOCAST as the mixed-precision dtype (None = fp32)."""
+    return torch.bfloat16 if hp["AUTOCAST"] == "bf16" or hp["AUTOCAST"] == "auto" and device.type == "cuda" else None
+
+
+def start_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; joins the process group under torchrun (NCCL on GPUs, gloo on CPU)."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if distributed and not dist.is_initialized():
+        # 30 min: the other ranks wait at a collective while rank 0 runs the budget fit (minutes of zstd-22)
+        timeout, store = datetime.timedelta(minutes=30), None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store outlives a restart: new keys
+            store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timeout))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout, store=store, rank=rank,
+                                world_size=world)
+    return rank, world, device
+
+
+def write_atomic(path: str, blob: bytes, what: str) -> None:
+    """Temporary name, fsync, rename: `path` holds the previous file or the whole new one, never a part."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        return [kind(t) for t in raw.split(",")] if raw else []
-    except ValueError:
-        raise UserError(f"{key}={hp[key]!r} must be comma-separated {what}") from None
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"cannot write {what} {path}: {e.strerror}") from None
 
 
-def ve_layers(hp) -> list[int]:
-    n, layers = hp["NUM_LAYERS"], num_list(hp, "VE_LAYERS", what="layer indices")
-    if not all(-n <= i < n for i in layers):
-        raise UserError(f"VE_LAYERS={hp['VE_LAYERS']!r} names a layer that does not exist with NUM_LAYERS={n}")
-    return sorted({i % n for i in layers})
-
-
-def loop_layers(hp) -> list[int]:
-    """Depth recurrence: the contiguous block indices that run LOOP_REPEATS extra times ([] = off)."""
-    layers, n, raw = num_list(hp, "LOOP_LAYERS", what="block indices, e.g. 4,5"), hp["NUM_LAYERS"], hp["LOOP_LAYERS"]
-    if layers and (layers != list(range(layers[0], layers[-1] + 1)) or not 0 <= layers[0] <= layers[-1] < n):
-        raise UserError(f"LOOP_LAYERS={raw!r} must be contiguous increasing block indices in 0..{n - 1}, e.g. 4,5")
-    if layers and hp["LOOP_REPEATS"] < 1:
-        raise UserError(f"LOOP_REPEATS={hp['LOOP_REPEATS']} must be at least 1 when LOOP_LAYERS is set")
-    return layers
-
-
-def loop_starts(hp) -> list[float]:
-    """Budget fraction at which each extra pass through LOOP_LAYERS switches on."""
-    if not loop_layers(hp):
-        return []
-    R, starts = hp["LOOP_REPEATS"], num_list(hp, "LOOP_START", float, "fractions")
-    starts = starts * R if len(starts) == 1 else starts
-    if len(starts) != R or not all(0 <= a <= b <= 1 for a, b in zip([0.0] + starts, starts)):
-        raise UserError(f"LOOP_START={hp['LOOP_START']!r} needs one or LOOP_REPEATS={R} non-decreasing fractions in [0, 1]")
-    return starts
-
-
-def clips(hp) -> list[float]:
-    c = num_list(hp, "QUANT_CLIPS", float)
-    if not c or not all(0 < x <= 1 for x in c):
-        raise UserError(f"QUANT_CLIPS={hp['QUANT_CLIPS']!r}: each clip must be in (0, 1]")
-    return c
-
-
-def quant_spec(hp, bits: int) -> tuple[str, list[float]]:
-    """How a `bits`-bit matrix gets its per-row scale candidates: ("amax", clips) = fractions of the row max,
-    ("std", [k]) = SDClip, k standard deviations of the row."""
-    if hp["QUANT_SCALE"] == "sdclip":
-        return "std", [hp["SDCLIP_K_EMBED"] if bits == 8 else hp["SDCLIP_K"]]
-    return "amax", clips(hp)
+def read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- data
+# Challenge shards (header + uint16 tokens), the training stream split across ranks, the validation split and the
+# per-token byte counts that turn nats into val_bpb.
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256  # challenge shard header: 256 little-endian int32
 BOS_ID = 1  # every document in the shards starts with this token
 
@@ -384,34 +530,12 @@ class DistributedTokenLoader:
         return span[:-1].view(-1, seq_len), span[1:].view(-1, seq_len)
 
 
-def load_validation(hp) -> tuple[Tensor, int]:
-    """Validation tokens (a prefix if VAL_MAX_TOKENS) as int32, and the full split's length."""
-    files = shard_files(hp, "val")
-    full = sum(read_shard_header(f) for f in files)
-    tokens = np.concatenate([load_data_shard(f) for f in files])
-    if hp["VAL_MAX_TOKENS"] > 0:
-        tokens = tokens[: hp["VAL_MAX_TOKENS"]]
-    if len(tokens) < eval_len(hp) + 1:
-        raise UserError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {eval_len(hp)} + 1; "
-                        "lower EVAL_SEQ_LEN/TRAIN_SEQ_LEN or raise VAL_MAX_TOKENS")
-    return torch.from_numpy(tokens.astype(np.int32)), full
-
-
 def byte_luts(hp, device) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token byte counts for val_bpb, exactly as the challenge defines them:
     control/unknown/unused ids are boundaries with 0 bytes, byte pieces 1, other pieces the UTF-8 length without
     the leading '▁', plus 1 for that space unless the previous token is a boundary."""
-    import sentencepiece as spm
     path = hp["TOKENIZER_PATH"]
-    if not os.path.isfile(path):
-        raise UserError(f"tokenizer not found: {path} (set TOKENIZER_PATH)")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(path)
-    except (OSError, RuntimeError):
-        raise UserError(f"{path} is not a SentencePiece model") from None
-    if hp.get("VOCAB_AUTO") and not hp.get("EVAL_ONLY"):
-        hp["VOCAB_SIZE"] = sp.vocab_size()  # VOCAB_SIZE was not set: it follows the tokenizer
+    sp = load_tokenizer(path)
     if sp.vocab_size() != hp["VOCAB_SIZE"]:
         raise UserError(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={hp['VOCAB_SIZE']}; set VOCAB_SIZE to match")
     n = sp.vocab_size()
@@ -428,7 +552,98 @@ def byte_luts(hp, device) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.from_numpy(a).to(device) for a in (base, lead, bound))
 
 
+@dataclasses.dataclass
+class Validation:
+    """The validation tokens scored (int32, on the device), their byte-count tables (byte_luts) and the length of
+    the whole split (for time estimates when VAL_MAX_TOKENS scores a prefix)."""
+    tokens: Tensor
+    luts: tuple[Tensor, Tensor, Tensor]
+    full_tokens: int
+
+
+def load_validation(hp: Config, device) -> Validation:
+    """Validation tokens (a prefix if VAL_MAX_TOKENS), with their byte counts."""
+    files = shard_files(hp, "val")
+    full = sum(read_shard_header(f) for f in files)
+    tokens = np.concatenate([load_data_shard(f) for f in files])
+    if hp["VAL_MAX_TOKENS"] > 0:
+        tokens = tokens[: hp["VAL_MAX_TOKENS"]]
+    if len(tokens) < hp.eval_len + 1:
+        raise UserError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {hp.eval_len} + 1; "
+                        "lower EVAL_SEQ_LEN/TRAIN_SEQ_LEN or raise VAL_MAX_TOKENS")
+    tokens = torch.from_numpy(tokens.astype(np.int32)).to(device)
+    return Validation(tokens, byte_luts(hp, device), full)
+
+
+# ----------------------------------------------------------------------------- quantization grid
+# Symmetric per-row intN rounding with fp16 scales (amax clip search or SDClip): one quantizer for late QAT inside
+# the model and for the exporter (GPTQ, below, rounds onto the same grid).
+SCALE_FLOOR = 2.0 ** -14  # smallest normal fp16: keeps all-zero rows finite (an underflowing floor gives NaN)
+
+
+def fp16_round(x: Tensor) -> Tensor:
+    """Round positive fp32 values in fp16's normal range to fp16 precision (nearest, ties to even) with integer ops:
+    torch.compile elides x.half().float() (inductor does not emulate precision casts by default), which would make
+    the training-time quantizer differ from the exporter's."""
+    i = x.view(torch.int32)
+    return ((i + 0xFFF + ((i >> 13) & 1)) & -0x2000).view(torch.float32)
+
+
+def row_scales(w: Tensor, bits: int, cands: list[float], stat: str = "amax") -> Tensor:
+    """Candidate per-row scales (C, rows, 1), exactly the fp16 values that ship: c * (row max |w| or row std) / qmax."""
+    qmax = 2 ** (bits - 1) - 1
+    r = w.abs().amax(dim=1, keepdim=True) if stat == "amax" else w.std(dim=1, keepdim=True)
+    c = torch.tensor(cands, dtype=torch.float32, device=w.device).view(-1, 1, 1)
+    return fp16_round((r * c / qmax).clamp_min(SCALE_FLOOR))
+
+
+def quantize_rows(w: Tensor, bits: int, cands: list[float], stat: str = "amax") -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric per-row round-to-nearest to +-(2^(bits-1)-1) levels with an fp16 scale per row. For each row the
+    candidate scale (row_scales) with the least squared reconstruction error wins; ties go to the first candidate.
+    Returns (q int8, scale fp16, index of the chosen candidate). This one function is the RTN exporter and, inside
+    fake_quant, the training-time quantizer."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.detach().float()
+    scale = row_scales(w, bits, cands, stat)
+    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+    if len(cands) == 1:
+        return q[0].to(torch.int8), scale[0, :, 0].half(), torch.zeros(w.size(0), dtype=torch.long, device=w.device)
+    err = (q * scale - w).square().sum(dim=2)  # (C, rows)
+    best = err.argmin(dim=0)
+    pick = best.view(1, -1, 1)
+    q = q.gather(0, pick.expand(1, *w.shape))[0]
+    return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
+
+
+def fake_quant(w: Tensor, bits: int, spec: tuple[str, list[float]], on: Tensor) -> Tensor:
+    """w + stopgrad(Q(w) - w) when `on`, else w. `on` is a tensor, so torch.compile keeps both branches in one graph
+    (no recompile when it flips, nothing folded at trace time); Q is finite everywhere, so the unused branch cannot
+    leak a NaN."""
+    q, s, _ = quantize_rows(w, bits, spec[1], spec[0])
+    dq = q.float() * s.float()[:, None]
+    return torch.where(on, w + (dq - w).detach(), w)
+
+
+def quant_spec(hp: Config, bits: int) -> tuple[str, list[float]]:
+    """How a `bits`-bit matrix gets its per-row scale candidates: ("amax", clips) = fractions of the row max,
+    ("std", [k]) = SDClip, k standard deviations of the row."""
+    if hp["QUANT_SCALE"] == "sdclip":
+        return "std", [hp["SDCLIP_K_EMBED"] if bits == 8 else hp["SDCLIP_K"]]
+    return "amax", hp.clips
+
+
 # ----------------------------------------------------------------------------- model
+# GPT: tied int8 embedding, bigram hash, SmearGate, value embeddings, attention (RoPE, QK gain, XSA, FA3/SDPA,
+# DOC_MASK), relu2/leaky2 MLP, parallel blocks, U-Net skips (gated), depth recurrence, logit softcap; Switches.
+@dataclasses.dataclass
+class Switches:
+    """All that changes while a run goes on, in one place; checkpoints save exactly this."""
+    loops: int = 0  # extra passes through LOOP_LAYERS switched on (LOOP_START)
+    qat: bool = False  # late QAT: matrices compute with their quantized weights (QAT_THRESHOLD)
+    doc_mask: bool = False  # attention within documents (DOC_MASK; TTT=doc's windows hold one document: off there)
+    forecast: bool = False  # the artifact size forecast was logged (at the start of warmdown)
+
+
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -539,16 +754,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hp, i: int, has_ve: bool):
+    def __init__(self, arch, i: int, has_ve: bool):
         super().__init__()
-        dim = hp["MODEL_DIM"]
-        self.attn = Attention(dim, hp["NUM_HEADS"], hp["NUM_KV_HEADS"], hp["QK_GAIN_INIT"],
-                              i >= hp["NUM_LAYERS"] - hp["XSA_LAST_N"], has_ve)
-        self.mlp = MLP(dim, hp["MLP_MULT"], hp["MLP_ACT"])
+        dim = arch["MODEL_DIM"]
+        self.attn = Attention(dim, arch["NUM_HEADS"], arch["NUM_KV_HEADS"], arch["QK_GAIN_INIT"],
+                              i >= arch["NUM_LAYERS"] - arch["XSA_LAST_N"], has_ve)
+        self.mlp = MLP(dim, arch["MLP_MULT"], arch["MLP_ACT"])
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of x and the embedding x0
-        self.ln = 1.0 / math.sqrt(i + 1) if hp["LN_SCALE"] else 1.0
-        self.parallel = 0 <= hp["PARALLEL_FROM"] <= i
+        self.ln = 1.0 / math.sqrt(i + 1) if arch["LN_SCALE"] else 1.0
+        self.parallel = 0 <= arch["PARALLEL_FROM"] <= i
 
     def forward(self, x, x0, cos, sin, ve, mask=None):
         mix = self.resid_mix.to(x.dtype)
@@ -569,34 +784,40 @@ def bigram_buckets(ids: Tensor, buckets: int) -> Tensor:
 
 
 class GPT(nn.Module):
-    def __init__(self, hp: dict):
+    def __init__(self, arch, embed_bits: int = 8):
+        """arch: the ARCH_KEYS settings (any mapping holding them); embed_bits: 8, or 16 = the table ships in fp16."""
         super().__init__()
-        # LOOP_ACTIVE: extra passes switched on (by the schedule in training; the artifact records the final count)
-        self.hp = {k: hp[k] for k in ARCH_KEYS} | {"LOOP_ACTIVE": hp.get("LOOP_ACTIVE", 0)}
-        V, dim, L = hp["VOCAB_SIZE"], hp["MODEL_DIM"], hp["NUM_LAYERS"]
-        kv_dim = hp["NUM_KV_HEADS"] * (dim // hp["NUM_HEADS"])
-        self.tok_emb = QEmbedding(V, dim, std=0.005, bits=16 if hp.get("EMBED_FP16") else 8)  # absent in artifacts
+        self.arch = {k: arch[k] for k in ARCH_KEYS}
+        self.sw = Switches(doc_mask=bool(arch["DOC_MASK"]))
+        V, dim, L = arch["VOCAB_SIZE"], arch["MODEL_DIM"], arch["NUM_LAYERS"]
+        kv_dim = arch["NUM_KV_HEADS"] * (dim // arch["NUM_HEADS"])
+        self.tok_emb = QEmbedding(V, dim, std=0.005, bits=embed_bits)
         self.bigram = self.bigram_proj = self.bigram_scale = None
-        if hp["BIGRAM_VOCAB_SIZE"]:
-            self.bigram = QEmbedding(hp["BIGRAM_VOCAB_SIZE"], hp["BIGRAM_DIM"], std=0.0)
-            self.bigram_proj = QLinear(hp["BIGRAM_DIM"], dim, init="ortho_scaled")
+        if arch["BIGRAM_VOCAB_SIZE"]:
+            self.bigram = QEmbedding(arch["BIGRAM_VOCAB_SIZE"], arch["BIGRAM_DIM"], std=0.0)
+            self.bigram_proj = QLinear(arch["BIGRAM_DIM"], dim, init="ortho_scaled")
             self.bigram_scale = nn.Parameter(torch.tensor(0.05))
-        self.smear = nn.Parameter(torch.zeros(dim)) if hp["SMEAR_GATE"] else None
-        self.ve_layers = ve_layers(hp)
+        self.smear = nn.Parameter(torch.zeros(dim)) if arch["SMEAR_GATE"] else None
+        self.ve_layers = ve_layers(arch)
         self.ve = self.ve_proj = self.ve_shared_scale = None
         if self.ve_layers:  # one table for all VE layers: v += layer scale * shared scale * proj(table[ids])
-            self.ve = QEmbedding(V, hp["VE_DIM"], std=0.01)
-            self.ve_proj = QLinear(hp["VE_DIM"], kv_dim, init="ortho_scaled")
+            self.ve = QEmbedding(V, arch["VE_DIM"], std=0.01)
+            self.ve_proj = QLinear(arch["VE_DIM"], kv_dim, init="ortho_scaled")
             self.ve_shared_scale = nn.Parameter(torch.tensor(0.1))
-        self.blocks = nn.ModuleList(Block(hp, i, i in self.ve_layers) for i in range(L))
-        loop = loop_layers(hp)
+        self.blocks = nn.ModuleList(Block(arch, i, i in self.ve_layers) for i in range(L))
+        loop = loop_layers(arch)
         self.orders = [list(range(loop[0] if loop else L)) + loop * (1 + r) + list(range(loop[-1] + 1 if loop else L, L))
-                       for r in range(hp["LOOP_REPEATS"] + 1 if loop else 1)]  # block order with r extra passes
+                       for r in range(arch["LOOP_REPEATS"] + 1 if loop else 1)]  # block order with r extra passes
         n_skip = len(self.orders[-1]) // 2
         self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
-        self.skip_gates = nn.Parameter(torch.zeros(n_skip, dim)) if hp["SKIP_GATES"] else None
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, dim)) if arch["SKIP_GATES"] else None
         self.final_norm = RMSNorm()  # a module, so GPTQ calibration can hook the tied output layer's input
         self._init(L)
+
+    def linears(self) -> list[tuple[str, QLinear]]:
+        """The matrices applied to activations, not the embedding tables: what Muon trains, GPTQ calibrates on its
+        inputs and TTT=doc adapts."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, QLinear) and not isinstance(m, QEmbedding)]
 
     @torch.no_grad()
     def _init(self, L):
@@ -613,25 +834,32 @@ class GPT(nn.Module):
                 if m.init == "ortho_scaled":
                     m.weight.mul_(1.0 / math.sqrt(2 * L))
 
-    def set_qat(self, hp: dict | None) -> None:
+    def set_qat(self, hp: Config | None) -> None:
         """Put the exporter's own quantizer (quant_spec: the same scales) into the forward pass of every matrix that
-        ships quantized, gated by each module's `qat` buffer (off until qat_switch); None removes it. README: measured."""
+        ships quantized, gated by each module's `qat` buffer (off until switch(qat=True)); None removes it."""
         for m in self.modules():
             if isinstance(m, QLinear):
                 ships = hp is not None and m.bits < 16 and m.weight.numel() > hp["QUANT_MIN_NUMEL"]
                 m.qspec = quant_spec(hp, m.bits) if ships else None
 
-    def qat_switch(self, on: bool) -> None:
+    def switch(self, **changes) -> None:
+        """Set Switches fields; the QAT flag also goes into every matrix's `qat` buffer."""
+        for k, v in changes.items():
+            setattr(self.sw, k, type(getattr(self.sw, k))(v))
         for m in self.modules():
-            if isinstance(m, QLinear):
-                m.qat.fill_(on)
+            if "qat" in changes and isinstance(m, QLinear):
+                m.qat.fill_(self.sw.qat)
+
+    def stored_config(self) -> dict:
+        """What the artifact records: the architecture and the loop depth reached."""
+        return self.arch | {"LOOP_ACTIVE": self.sw.loops}
 
     def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False) -> Tensor:
         B, T = ids.shape
         w_emb = self.tok_emb.qweight()
         x = F.embedding(ids, w_emb)
         mask = None
-        if self.hp["DOC_MASK"]:  # block-diagonal causal: a query sees the keys of its own document only
+        if self.sw.doc_mask:  # block-diagonal causal: a query sees the keys of its own document only
             doc = torch.cumsum(ids == BOS_ID, dim=1)
             mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=ids.device).tril())[:, None]
         if self.bigram is not None:
@@ -645,9 +873,9 @@ class GPT(nn.Module):
             x = (1 - g) * x + g * F.pad(x[:, :-1] * (ids[:, 1:, None] != BOS_ID), (0, 0, 1, 0))
         x0 = x
         ve = self.ve_shared_scale.to(x.dtype) * self.ve_proj(self.ve(ids)) if self.ve is not None else None
-        hd = self.hp["MODEL_DIM"] // self.hp["NUM_HEADS"]
-        cos, sin = rope_tables(T, self.hp["ROPE_DIMS"] or hd, self.hp["ROPE_BASE"], self.hp["TRAIN_SEQ_LEN"], ids.device)
-        order = self.orders[self.hp["LOOP_ACTIVE"]]  # U-Net over the virtual layers: the first half feeds skips to the second
+        hd = self.arch["MODEL_DIM"] // self.arch["NUM_HEADS"]
+        cos, sin = rope_tables(T, self.arch["ROPE_DIMS"] or hd, self.arch["ROPE_BASE"], self.arch["TRAIN_SEQ_LEN"], ids.device)
+        order = self.orders[self.sw.loops]  # U-Net over the virtual layers: the first half feeds skips to the second
         n_enc, skips = len(order) // 2, []
         for k, i in enumerate(order):
             j = k - n_enc
@@ -658,13 +886,101 @@ class GPT(nn.Module):
             if k < n_enc:
                 skips.append(x)
         logits = F.linear(self.final_norm(x), w_emb.to(x.dtype)).float()
-        cap = self.hp["LOGIT_SOFTCAP"]
+        cap = self.arch["LOGIT_SOFTCAP"]
         logits = cap * torch.tanh(logits / cap)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), reduction="none" if per_token else "mean")
         return loss.view(B, T) if per_token else loss
 
 
+
+
+# ----------------------------------------------------------------------------- evaluation
+# The exact metric: every validation target scored once, in non-overlapping or sliding windows, nats summed in
+# float64 and divided by the bytes the targets decode to (val_bpb), split across ranks.
+def window_plan(n_tokens: int, L: int, stride: int) -> tuple[Tensor, Tensor]:
+    """Windows over a stream of n tokens whose targets are positions 1..n-1. Window k starts at k*stride and
+    predicts targets start+1..start+L; the first scores all L, each later one only its last `stride`. If the last
+    full window ends before the stream, one more window aligned to the end scores the remaining targets. So every
+    target is scored exactly once, and stride == L is the standard non-overlapping evaluation (tail included).
+    Returns (starts, number of scored targets per window)."""
+    last = n_tokens - 1
+    if not 0 < stride <= L <= last:
+        raise UserError(f"cannot evaluate {n_tokens} tokens with window {L} and stride {stride}: need 0 < stride <= length < tokens")
+    n_full = (last - L) // stride + 1
+    starts = torch.arange(n_full, dtype=torch.long) * stride
+    score = torch.full((n_full,), stride, dtype=torch.long)
+    score[0] = L
+    end = (n_full - 1) * stride + L
+    if end < last:
+        starts, score = torch.cat((starts, torch.tensor([last - L]))), torch.cat((score, torch.tensor([last - end])))
+    return starts, score
+
+
+def score_sums(nll: Tensor, x: Tensor, y: Tensor, mask: Tensor, luts) -> Tensor:
+    """float64 (nll, bytes, tokens) summed over the masked targets y of inputs x: bytes as the challenge counts them,
+    a piece's bytes plus its leading space unless the previous token (x) is a boundary."""
+    base, lead, bound = luts
+    nbytes = base[y] + (lead[y] & ~bound[x])
+    return torch.stack((torch.where(mask, nll.double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
+
+
+@torch.no_grad()
+def eval_sums(ctx: Context, forward, val: Validation, L: int, stride: int, batch: int, *, desc="eval", windows=None,
+              out: Tensor | None = None) -> Tensor:
+    """This rank's float64 sums (nll, bytes, tokens) over its contiguous share of the windows, `batch` windows per
+    forward pass; the last batch is padded with fully masked windows, so shapes never change. `windows` (starts, lo,
+    hi: positions lo..hi-1 scored) replaces window_plan's; `out`, if given, gets each scored target's nll at its index."""
+    tokens, device = val.tokens, val.tokens.device
+    if windows is None:
+        starts, score = window_plan(len(tokens), L, stride)
+        windows = (starts, L - score, torch.full_like(score, L))
+    starts, first, end = (t.to(device) for t in windows)
+    per = -(-len(starts) // ctx.world)
+    lo, hi = min(ctx.rank * per, len(starts)), min((ctx.rank + 1) * per, len(starts))
+    offs, pos = torch.arange(L + 1, device=device), torch.arange(L, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    bar = ctx.progress(hi - lo, desc)
+    for b in range(lo, hi, batch):
+        s, f, e = (t[b:min(b + batch, hi)] for t in (starts, first, end))
+        n = len(s)
+        if n < batch:
+            s, f, e = (F.pad(t, (0, batch - n)) for t in (s, f, e))
+        tok = tokens[s[:, None] + offs].long()
+        x, y = tok[:, :-1], tok[:, 1:]
+        with ctx.autocast():
+            nll = forward(x, y)
+        mask = (pos[None, :] >= f[:, None]) & (pos[None, :] < e[:, None])
+        sums += score_sums(nll, x, y, mask, val.luts)
+        if out is not None:
+            out[(s[:, None] + 1 + pos)[mask]] = nll[mask].double()
+        bar.update(n)
+    bar.close()
+    return sums
+
+
+def metrics(ctx: Context, sums: Tensor) -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) from every rank's eval_sums."""
+    if ctx.world > 1:
+        dist.all_reduce(sums)
+    loss_sum, byte_sum, count = sums.tolist()
+    return loss_sum / count, loss_sum / math.log(2) / byte_sum, int(count)
+
+
+def evaluate(ctx: Context, forward, val: Validation, L: int, stride: int, batch: int, desc="eval") -> tuple[float, float, int]:
+    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together."""
+    return metrics(ctx, eval_sums(ctx, forward, val, L, stride, batch, desc=desc))
+
+
+def eval_forward(model: GPT, use_compile: bool):
+    """Per-token losses of the model in eval mode (compiled once for fixed shapes)."""
+    model.eval()
+    fwd = lambda x, y: model(x, y, per_token=True)
+    return torch.compile(fwd, dynamic=False) if use_compile else fwd
+
+
 # ----------------------------------------------------------------------------- optimizer
+# Muon (Newton-Schulz quintic or Polar Express, MuonEq-R rows) for the matrices, AdamW for tables and scalars, the
+# learning-rate schedule (warmdown by steps, time or budget fraction, MIN_LR floor) and the training budget.
 POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),  # Amsel et al. 2025, 5 iterations,
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),  # safety factor 1.02; later iterations
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),  # reuse the last triple
@@ -733,13 +1049,13 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(ps, full_views, alpha=-group["lr"])
 
 
-def build_optimizers(model: GPT, hp, rank, world):
-    matrices = [m.weight for m in model.modules() if type(m) is QLinear]
-    tables = [m.weight for m in model.modules() if type(m) is QEmbedding]
+def build_optimizers(model: GPT, hp: Config, ctx: Context):
+    matrices = [m.weight for _, m in model.linears()]
+    tables = [m.weight for m in model.modules() if isinstance(m, QEmbedding)]
     seen = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in seen]
-    muon = Muon(matrices, hp["MATRIX_LR"], hp["MUON_MOMENTUM"], hp["MUON_BACKEND_STEPS"], hp["MUON_WD"], rank, world,
-                hp["MUON_NS"], bool(hp["MUON_ROW_NORM"]), amp_dtype(hp, matrices[0].device) or torch.float32)
+    muon = Muon(matrices, hp["MATRIX_LR"], hp["MUON_MOMENTUM"], hp["MUON_BACKEND_STEPS"], hp["MUON_WD"], ctx.rank, ctx.world,
+                hp["MUON_NS"], bool(hp["MUON_ROW_NORM"]), ctx.amp or torch.float32)
     adam = torch.optim.AdamW([dict(params=tables, lr=hp["EMBED_LR"], weight_decay=hp["EMBED_WD"]),
                               dict(params=scalars, lr=hp["SCALAR_LR"], weight_decay=hp["ADAM_WD"])],
                              betas=(hp["BETA1"], hp["BETA2"]), eps=hp["ADAM_EPS"], foreach=True)
@@ -749,54 +1065,386 @@ def build_optimizers(model: GPT, hp, rank, world):
     return [muon, adam]
 
 
-# ----------------------------------------------------------------------------- quantization and artifact
-SCALE_FLOOR = 2.0 ** -14  # smallest normal fp16: keeps all-zero rows finite (an underflowing floor gives NaN)
+@torch.no_grad()
+def ema_update(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * w, one fused foreach op over all tensors."""
+    torch._foreach_lerp_(ema, params, 1.0 - decay)
 
 
-def fp16_round(x: Tensor) -> Tensor:
-    """Round positive fp32 values in fp16's normal range to fp16 precision (nearest, ties to even) with integer ops:
-    torch.compile elides x.half().float() (inductor does not emulate precision casts by default), which would make
-    the training-time quantizer differ from the exporter's."""
-    i = x.view(torch.int32)
-    return ((i + 0xFFF + ((i >> 13) & 1)) & -0x2000).view(torch.float32)
+def train_cap_ms(hp) -> float:
+    """Wall-clock end of the training loop (0 = none): the cap, less GPTQ's calibration reserve under gptq."""
+    reserve = hp["GPTQ_RESERVE_SECONDS"] if hp["QUANT_METHOD"] == "gptq" else 0.0
+    return 1000 * (hp["MAX_WALLCLOCK_SECONDS"] - reserve) if hp["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
 
 
-def row_scales(w: Tensor, bits: int, cands: list[float], stat: str = "amax") -> Tensor:
-    """Candidate per-row scales (C, rows, 1), exactly the fp16 values that ship: c * (row max |w| or row std) / qmax."""
-    qmax = 2 ** (bits - 1) - 1
-    r = w.abs().amax(dim=1, keepdim=True) if stat == "amax" else w.std(dim=1, keepdim=True)
-    c = torch.tensor(cands, dtype=torch.float32, device=w.device).view(-1, 1, 1)
-    return fp16_round((r * c / qmax).clamp_min(SCALE_FLOOR))
+def budget_frac(hp, step: int, elapsed_ms: float) -> float:
+    """Fraction of the training budget used: of ITERATIONS, or of the wall-clock cap if that comes first."""
+    cap_ms = train_cap_ms(hp)
+    return max(step / hp["ITERATIONS"], elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
 
 
-def quantize_rows(w: Tensor, bits: int, cands: list[float], stat: str = "amax") -> tuple[Tensor, Tensor, Tensor]:
-    """Symmetric per-row round-to-nearest to +-(2^(bits-1)-1) levels with an fp16 scale per row. For each row the
-    candidate scale (row_scales) with the least squared reconstruction error wins; ties go to the first candidate.
-    Returns (q int8, scale fp16, index of the chosen candidate). This one function is the RTN exporter and, inside
-    fake_quant, the training-time quantizer."""
-    qmax = 2 ** (bits - 1) - 1
-    w = w.detach().float()
-    scale = row_scales(w, bits, cands, stat)
-    q = torch.clamp(torch.round(w / scale), -qmax, qmax)
-    if len(cands) == 1:
-        return q[0].to(torch.int8), scale[0, :, 0].half(), torch.zeros(w.size(0), dtype=torch.long, device=w.device)
-    err = (q * scale - w).square().sum(dim=2)  # (C, rows)
-    best = err.argmin(dim=0)
-    pick = best.view(1, -1, 1)
-    q = q.gather(0, pick.expand(1, *w.shape))[0]
-    return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
+def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
+    """1, then a linear warmdown towards 0 (floored at MIN_LR): over the last WARMDOWN_FRAC of the budget, or else
+    over the last WARMDOWN_ITERS steps, measured in time with a wall-clock cap: remaining / (N * mean step time)."""
+    wd, mult = hp["WARMDOWN_ITERS"], 1.0
+    if hp["WARMDOWN_FRAC"] > 0:
+        mult = min(1.0, (1.0 - budget_frac(hp, step, elapsed_ms)) / hp["WARMDOWN_FRAC"])
+    elif wd > 0:
+        mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
+        cap_ms = train_cap_ms(hp)
+        if cap_ms > 0 and step > 0 and elapsed_ms > 0:
+            mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
+    return max(mult, hp["MIN_LR"])
 
 
-def fake_quant(w: Tensor, bits: int, spec: tuple[str, list[float]], on: Tensor) -> Tensor:
-    """w + stopgrad(Q(w) - w) when `on`, else w. `on` is a tensor, so torch.compile keeps both branches in one graph
-    (no recompile when it flips, nothing folded at trace time); Q is finite everywhere, so the unused branch cannot
-    leak a NaN."""
-    q, s, _ = quantize_rows(w, bits, spec[1], spec[0])
-    dq = q.float() * s.float()[:, None]
-    return torch.where(on, w + (dq - w).detach(), w)
+# ----------------------------------------------------------------------------- checkpoints
+# A run's whole state at a step boundary, written atomically by rank 0, verified and resumable on any world size.
+CKPT_MAGIC = b"PGOLFCK\x01"  # file = magic + sha256(payload) + payload (torch.save of tensors, numbers and strings)
+# Settings that do not change what a run computes (names, places, logging and checkpoint cadence, kernels): they may
+# differ on resume, as may the world size, and the tools ignore them when comparing runs.
+FREE_SETTINGS = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH", "COMPILE", "TRAIN_LOG_EVERY",
+                 "VAL_LOSS_EVERY", "CHECKPOINT_EVERY", "RESUME")
 
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 3  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
+@dataclasses.dataclass
+class TrainState:
+    """What the training loop advances: weights (and their runtime Switches), optimizers, EMA, data position, step
+    count and training milliseconds so far."""
+    model: GPT
+    opts: list
+    ema: list[Tensor] | None
+    loader: DistributedTokenLoader
+    step: int = 0
+    elapsed_ms: float = 0.0
+
+
+def checkpoint_config(hp, files) -> dict:
+    """What a checkpoint must share with the run that resumes it: every setting but FREE_SETTINGS, and the shards."""
+    return {k: v for k, v in hp.items() if k not in FREE_SETTINGS} | {"train_shards": [os.path.basename(f) for f in files]}
+
+
+@torch.no_grad()
+def save_checkpoint(ctx: Context, path: str, config: dict, ts: TrainState) -> None:
+    """Everything that determines the rest of the run, at a step boundary. Muon keeps momentum only for the matrices
+    a rank owns: one all-reduce of a zero-filled buffer (each slot written by its owner) gives rank 0 all of it, so
+    rank 0 writes one file, and it resumes on any world size (the global batch does not depend on it)."""
+    t0, muon = time.perf_counter(), ts.opts[0]
+    ps = [p for g in muon.param_groups for p in g["params"]]
+    mine = {id(p) for g in muon.param_groups for p in g["params"][ctx.rank::ctx.world]}
+    flat = torch.zeros(sum(p.numel() for p in ps), device=ps[0].device)
+    for v, p in zip(flat.split([p.numel() for p in ps]), ps):
+        if id(p) in mine and "m" in muon.state[p]:
+            v.copy_(muon.state[p]["m"].flatten())
+    if ctx.world > 1:
+        dist.all_reduce(flat)
+
+    def go():
+        state = dict(config=config, step=ts.step, elapsed_ms=ts.elapsed_ms, switches=dataclasses.asdict(ts.model.sw),
+                     loader=[ts.loader.stream.idx, ts.loader.stream.pos], rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state() if flat.is_cuda else None, model=ts.model.state_dict(),
+                     ema=ts.ema, muon=flat, adam=ts.opts[1].state_dict())
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        payload = buf.getvalue()
+        write_atomic(path, CKPT_MAGIC + hashlib.sha256(payload).digest() + payload, "checkpoint")
+        ctx.log(f"checkpoint: step:{ts.step} path:{path} bytes:{len(payload) + 40} seconds:{time.perf_counter() - t0:.3f}")
+    ctx.on_rank0(go)
+
+
+def load_checkpoint(path: str, config: dict) -> dict:
+    """Read and verify a checkpoint (weights_only: tensors and plain values, no code); one that is truncated, altered,
+    foreign or written under other settings is refused with one line."""
+    blob, n = read_file(path, "checkpoint"), len(CKPT_MAGIC)
+    if not blob.startswith(CKPT_MAGIC):
+        raise UserError(f"{path} is not a checkpoint written by train_gpt.py (bad magic)")
+    if hashlib.sha256(blob[n + 32:]).digest() != blob[n:n + 32]:
+        raise UserError(f"checkpoint {path} is corrupted or truncated (checksum mismatch); delete it to start over")
+    try:
+        ck = torch.load(io.BytesIO(blob[n + 32:]), map_location="cpu", weights_only=True)
+        theirs = dict(ck["config"])
+    except Exception:  # a valid checksum over something this version cannot read
+        raise UserError(f"checkpoint {path} is malformed; it was not written by this version of train_gpt.py") from None
+    diff = [f"{k}={theirs.get(k)!r} (now {config.get(k)!r})" for k in sorted(config.keys() | theirs.keys())
+            if theirs.get(k) != config.get(k)]
+    if diff:
+        raise UserError(f"checkpoint {path} was written with other settings: {', '.join(diff[:4])}; use them or another RUN_ID")
+    return ck
+
+
+@torch.no_grad()
+def restore_checkpoint(ck: dict, ts: TrainState) -> None:
+    """Load a verified checkpoint into the live run: weights, Switches, optimizers, EMA, data position, RNG, step."""
+    ts.model.load_state_dict(ck["model"])
+    ts.model.switch(**ck["switches"])
+    if ts.ema is not None:
+        torch._foreach_copy_(ts.ema, ck["ema"])
+    muon = ts.opts[0]
+    ps = [p for g in muon.param_groups for p in g["params"]]
+    mine = {id(p) for g in muon.param_groups for p in g["params"][muon.rank::muon.world]}
+    for m, p in zip(ck["muon"].split([p.numel() for p in ps]), ps):
+        if id(p) in mine:
+            muon.state[p]["m"] = m.view_as(p).to(p.device, copy=True)
+    ts.opts[1].load_state_dict(ck["adam"])
+    s = ts.loader.stream
+    s.idx, s.pos = ck["loader"]
+    s.tokens = load_data_shard(s.files[s.idx])
+    torch.set_rng_state(ck["rng"])
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ck["cuda_rng"])
+    ts.step, ts.elapsed_ms = ck["step"], ck["elapsed_ms"]
+
+
+# ----------------------------------------------------------------------------- training loop
+# Model + compile + DDP, warm-up that compiles every graph then is undone, the loop (LR and momentum schedules, EMA,
+# loop depth and late-QAT switches, size forecast, checkpoints, SIGTERM) and the EMA weights at the end.
+def build_model(hp: Config, ctx: Context):
+    """The model to train (log: parameter count and features), and what steps it: compiled, wrapped in DDP."""
+    model = GPT(hp.arch, embed_bits=16 if hp["EMBED_FP16"] else 8).to(ctx.device)
+    ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    model.set_qat(hp if hp["QAT_THRESHOLD"] > 0 else None)
+    xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
+    attention = "fa3" if _fa3 is not None and ctx.device.type == "cuda" else "sdpa"
+    ctx.log(f"features: attention:{attention} compile:{'on' if ctx.compile else 'off'} autocast:{'bf16' if ctx.amp else 'off'} "
+            f"xsa_layers:{xsa} ve_layers:{model.ve_layers} layers_per_pass:{[len(o) for o in model.orders]} "
+            f"ema:{hp['EMA_DECAY']} qat_threshold:{hp['QAT_THRESHOLD']} (every setting is in the log above)")
+    fwd = torch.compile(model, dynamic=False) if ctx.compile else model
+    ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                              broadcast_buffers=False) if ctx.world > 1 else fwd
+    return model, ddp
+
+
+def make_step(hp: Config, ctx: Context, ddp, opts):
+    """One optimizer step over TRAIN_BATCH_TOKENS at the schedule's LR and Muon momentum; returns (mean loss, LR mult)."""
+    accum, L, B = hp["MICRO_BATCHES"] // ctx.world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"]
+    params = list(ddp.parameters())
+
+    def step_fn(loader, step, elapsed_ms):
+        mult = lr_multiplier(hp, step, elapsed_ms)
+        frac = min(step / hp["MUON_MOMENTUM_WARMUP_STEPS"], 1.0) if hp["MUON_MOMENTUM_WARMUP_STEPS"] else 1.0
+        opts[0].param_groups[0]["momentum"] = (1 - frac) * hp["MUON_MOMENTUM_WARMUP_START"] + frac * hp["MUON_MOMENTUM"]
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * mult
+        x, y = loader.next_batch(B, L)
+        total = torch.zeros((), device=ctx.device)
+        for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+            sync = ddp.no_sync() if ctx.world > 1 and i < accum - 1 else contextlib.nullcontext()
+            with sync, ctx.autocast():
+                loss = ddp(xm, ym)
+            (loss / accum).backward()
+            total += loss.detach()
+        if hp["GRAD_CLIP_NORM"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, hp["GRAD_CLIP_NORM"], foreach=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total / accum, mult
+    return step_fn
+
+
+def warm_up(hp: Config, ctx: Context, model: GPT, opts, step_fn, files) -> None:
+    """WARMUP_STEPS steps that compile and warm every kernel (QAT branch and every loop depth included), then the
+    weights and optimizer state are put back as they were."""
+    if not hp["WARMUP_STEPS"]:
+        return
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = DistributedTokenLoader(files, ctx.rank, ctx.world, ctx.device)
+    for s in range(hp["WARMUP_STEPS"]):
+        model.switch(qat=hp["QAT_THRESHOLD"] > 0 and s >= hp["WARMUP_STEPS"] // 2, loops=s % len(model.orders))
+        step_fn(loader, 0, 0.0)
+    model.switch(qat=False, loops=0)
+    model.load_state_dict(initial)
+    for opt in opts:
+        opt.state.clear()
+    ctx.log(f"warmup_steps:{hp['WARMUP_STEPS']} done (weights and optimizer state restored)")
+
+
+def update_switches(hp: Config, ctx: Context, ts: TrainState, mult: float) -> bool:
+    """After a step: switch on the loop passes whose LOOP_START the budget has reached, late QAT once the LR
+    multiplier drops below QAT_THRESHOLD, and log the size forecast at the start of warmdown. True if the loop depth
+    changed."""
+    model, frac = ts.model, budget_frac(hp, ts.step, ts.elapsed_ms)
+    loops = sum(frac >= a for a in hp.loop_starts)
+    changed = loops != model.sw.loops
+    if changed:
+        model.switch(loops=loops)
+        ctx.log(f"layer_loop:enabled passes:{loops} step:{ts.step} frac:{frac:.3f} layers:{len(model.orders[loops])}")
+    if not model.sw.qat and mult < hp["QAT_THRESHOLD"]:
+        model.switch(qat=True)
+        ctx.log(f"late_qat:enabled step:{ts.step} lr_mult:{mult:.3f}")
+    if not model.sw.forecast and mult < 1.0:
+        model.switch(forecast=True)
+        forecast(hp, ctx, model, ts.ema, ts.step)
+    return changed
+
+
+def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
+    """Train to ITERATIONS or the wall-clock cap (less the GPTQ reserve), resuming from a checkpoint if asked;
+    returns the final state, its model holding the EMA weights."""
+    model, ddp = build_model(hp, ctx)
+    opts = build_optimizers(model, hp, ctx)
+    files = shard_files(hp, "train")
+    accum = hp["MICRO_BATCHES"] // ctx.world
+    ctx.log(f"train_shards:{len(files)} val_tokens:{len(val.tokens)} world_size:{ctx.world} grad_accum_steps:{accum} "
+            f"micro_batch_seqs:{hp['TRAIN_BATCH_TOKENS'] // hp['TRAIN_SEQ_LEN'] // ctx.world // accum}")
+    ck_steps, ck_secs = hp.checkpoint_every
+    ck_path, ck_config = os.path.join(hp["LOG_DIR"], f"{run_id}.ckpt"), checkpoint_config(hp, files)
+    resume = ck_path if hp["RESUME"] == "auto" else hp["RESUME"]
+    ck = load_checkpoint(resume, ck_config) if resume and (resume != ck_path or os.path.exists(ck_path)) else None
+    if resume and ck is None:
+        ctx.log(f"resume: no checkpoint at {resume}, starting at step 0")
+    step_fn = make_step(hp, ctx, ddp, opts)
+    warm_up(hp, ctx, model, opts, step_fn, files)
+    if hp["QAT_THRESHOLD"] >= 1.0:
+        model.switch(qat=True)
+        ctx.log("late_qat:enabled step:0 lr_mult:1.000")
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params] if hp["EMA_DECAY"] > 0 else None
+    ts = TrainState(model, opts, ema, DistributedTokenLoader(files, ctx.rank, ctx.world, ctx.device))
+    if ck is not None:
+        restore_checkpoint(ck, ts)
+        ctx.log(f"resume: {resume} step:{ts.step} train_time:{ts.elapsed_ms:.0f}ms")
+    train_ms, last_ms, loop_log, ck_last = ts.elapsed_ms, 0.0, 0.0, ts.elapsed_ms
+    stats = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    bar = ctx.progress(hp["ITERATIONS"], "train")
+    bar.update(ts.step)
+    stop = []
+
+    def on_stop(sig, _):  # SIGTERM/SIGINT: checkpoint at the next step boundary (all ranks agree via stats), then exit
+        stop.append(sig)
+        signal.signal(sig, handlers[sig])  # a second one acts at once
+
+    handlers = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    ctx.sync()
+    t0 = time.perf_counter()
+    while True:
+        loss, mult = step_fn(ts.loader, ts.step, ts.elapsed_ms)  # training time so far, identical on every rank
+        if ema is not None:
+            ema_update(ema, params, hp["EMA_DECAY"])
+        ts.step += 1
+        stats[0], stats[1], stats[2] = train_ms + 1000 * (time.perf_counter() - t0), loss, (~torch.isfinite(loss)).double()
+        stats[3] = float(bool(stop))
+        if ctx.world > 1:
+            dist.all_reduce(stats)
+        ts.elapsed_ms, mean_loss, bad, stopped = (stats / ctx.world).tolist() if ctx.world > 1 else stats.tolist()
+        step, elapsed = ts.step, ts.elapsed_ms
+        if bad:
+            raise UserError(f"non-finite training loss at step {step}; lower the learning rates or check the data")
+        if loop_log:  # the step time right after a loop switch: no recompile stall if warm-up compiled every depth
+            ctx.log(f"layer_loop: first_step_ms:{elapsed - last_ms:.1f} previous_step_ms:{loop_log:.1f}")
+            loop_log = 0
+        if update_switches(hp, ctx, ts, mult):
+            loop_log = elapsed - last_ms
+        last_ms = elapsed
+        done = step >= hp["ITERATIONS"] or 0 < train_cap_ms(hp) <= elapsed
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+        if step % hp["TRAIN_LOG_EVERY"] == 0 or step == 1 or done:
+            ctx.log(f"step:{step}/{hp['ITERATIONS']} train_loss:{mean_loss:.4f} train_time:{elapsed:.0f}ms "
+                    f"step_avg:{elapsed / step:.2f}ms lr_mult:{mult:.4f}")
+        if hp["VAL_LOSS_EVERY"] and (step % hp["VAL_LOSS_EVERY"] == 0 or done):
+            ctx.sync()
+            train_ms, t_val = elapsed, time.perf_counter()
+            vl, vb, _ = evaluate(ctx, eval_forward(model, ctx.compile), val, hp.eval_len, hp.eval_len, hp["EVAL_BATCH_SEQS"], "val")
+            model.train()
+            ctx.log(f"step:{step}/{hp['ITERATIONS']} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{elapsed:.0f}ms "
+                    f"eval_time:{1000 * (time.perf_counter() - t_val):.0f}ms")
+            t0 = time.perf_counter()
+        stopped = stopped and not done  # a signal at the last step: training is complete, go on
+        if stopped or not done and (ck_steps and step % ck_steps == 0 or ck_secs and elapsed - ck_last >= 1000 * ck_secs):
+            ck_last = elapsed  # checkpoint time counts as training time: it is wall clock inside the loop
+            save_checkpoint(ctx, ck_path, ck_config, ts)
+        if stopped:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            raise UserError(f"stopped by SIGTERM/SIGINT at step {step}; continue with RUN_ID={run_id} RESUME=auto "
+                            f"(same settings) from {ck_path}")
+        if done:
+            break
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    bar.close()
+    ctx.log(f"train_done steps:{ts.step} train_time:{ts.elapsed_ms:.0f}ms step_avg:{ts.elapsed_ms / ts.step:.2f}ms"
+            + (f" peak_mem_gib:{torch.cuda.max_memory_allocated() / 2**30:.2f}" if ctx.device.type == "cuda" else ""))
+    model.set_qat(None)  # calibration and evaluation: the float weights, without fake-quant ops in the graph
+    if ema is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, ema)
+    return ts
+
+
+# ----------------------------------------------------------------------------- calibration and quantization
+# GPTQ calibration (input Hessians, inside the training cap), GPTQ itself, per-tensor schemes (int6 matrices, int8
+# tables, fp16 small matrices, fp32 vectors), the order-0 entropy size estimate and the warmdown size forecast.
+@torch.no_grad()
+def collect_hessians(ctx: Context, model: GPT, hp: Config, loader, budget_ms: float | None) -> tuple[dict, int, float]:
+    """GPTQ calibration: H = sum of X^T X over the inputs of every matrix that ships quantized (for the tied
+    embedding, the final-norm output: it is also the output layer), from up to GPTQ_CALIB_BATCHES further training
+    batches run forward through `model` (the weights that will be exported). Each rank keeps one H per local
+    micro-batch slot, sums its slots as a midpoint tree, then all ranks meet in one all-reduce: 1 and 2 ranks give
+    bit-identical H. Stops early (after at least one batch) when the next batch would pass budget_ms (None = no
+    cap). Returns (H by parameter name, batches, milliseconds including the final all-reduce)."""
+    accum, L, B, device = hp["MICRO_BATCHES"] // ctx.world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"], ctx.device
+    bits, big = quant_bits(model), lambda p: p.numel() > hp["QUANT_MIN_NUMEL"]
+    targets = {m: (f"{n}.weight", m.weight.size(1)) for n, m in model.linears() if f"{n}.weight" in bits and big(m.weight)}
+    if "tok_emb.weight" in bits and big(model.tok_emb.weight):
+        targets[model.final_norm] = ("tok_emb.weight", model.tok_emb.weight.size(1))
+    H = {k: torch.zeros(accum, d, d, device=device) for k, d in targets.values()}
+    slot, last = [0], [None, None]
+
+    def add(key, x):
+        if last[0] is not x:  # q, k and v share one input: one product
+            xf = x.detach().reshape(-1, x.size(-1)).float()
+            with torch.autocast(xf.device.type, enabled=False):  # fp32 inputs (TF32 matmul on CUDA), not autocast's bf16
+                last[0], last[1] = x, xf.T @ xf
+        H[key][slot[0]] += last[1]
+
+    hooks = [m.register_forward_pre_hook(lambda _, a, k=k: add(k, a[0])) if isinstance(m, QLinear) else
+             m.register_forward_hook(lambda _, a, out, k=k: add(k, out)) for m, (k, _) in targets.items()]
+    ctx.sync()
+    t0, batches, slowest, spent = time.perf_counter(), 0, 0.0, 0.0
+    try:
+        while batches < hp["GPTQ_CALIB_BATCHES"]:
+            t = time.perf_counter()
+            x, y = loader.next_batch(B, L)
+            for j, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+                slot[0] = j
+                with ctx.autocast():
+                    model(xm, ym)
+            ctx.sync()
+            batches += 1
+            times = torch.tensor([time.perf_counter() - t0, time.perf_counter() - t], device=device) * 1000
+            if ctx.world > 1:  # every rank takes the same decision
+                dist.all_reduce(times, op=dist.ReduceOp.MAX)
+            spent, slowest = times[0].item(), max(slowest, times[1].item())
+            if budget_ms is not None and spent + slowest > budget_ms:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    tree = lambda t: t[0] if len(t) == 1 else tree(t[:len(t) // 2]) + tree(t[len(t) // 2:])
+    flat = torch.cat([tree(h).flatten() for h in H.values()])
+    if ctx.world > 1:
+        dist.all_reduce(flat)
+    out, off = {}, 0
+    for k, h in H.items():
+        out[k], off = flat[off:off + h[0].numel()].view_as(h[0]), off + h[0].numel()
+    ctx.sync()
+    return out, batches, 1000 * (time.perf_counter() - t0)
+
+
+def calibrate(hp: Config, ctx: Context, ts: TrainState) -> dict[str, Tensor]:
+    """GPTQ's Hessians from training batches that follow the training stream, inside the wall-clock cap (they read
+    training data); {} under QUANT_METHOD=rtn."""
+    if hp["QUANT_METHOD"] != "gptq":
+        return {}
+    limit = 1000 * hp["MAX_WALLCLOCK_SECONDS"]
+    hs, batches, ms = collect_hessians(ctx, ts.model, hp, ts.loader, limit - ts.elapsed_ms if limit > 0 else None)
+    ctx.log(f"gptq_calibration: batches:{batches} tokens:{batches * hp['TRAIN_BATCH_TOKENS']} seconds:{ms / 1000:.2f} "
+            f"train_plus_calibration_ms:{ts.elapsed_ms + ms:.0f} limit_ms:{limit:.0f}"
+            + (" OVER: raise GPTQ_RESERVE_SECONDS" if 0 < limit < ts.elapsed_ms + ms else ""))
+    return hs
 
 
 def quant_bits(model: GPT) -> dict[str, int]:
@@ -863,7 +1511,7 @@ def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None) -> dict:
     return dict(scheme=f"int{bits}", q=q, scale=s, clip=float(torch.tensor(cands)[best.cpu()].mean()), mse=mse)
 
 
-def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp, hessians: dict | None = None
+def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp: Config, hessians: dict | None = None
                    ) -> tuple[list[dict], dict[str, Tensor]]:
     """Per tensor: int6/int8 rows for matrices/tables over QUANT_MIN_NUMEL values (scheme from the module), fp16 for
     smaller matrices, fp32 for vectors and controls. Returns entries (meta + arrays) and the float originals of the
@@ -879,6 +1527,38 @@ def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp, hessians:
             e.update(scheme="fp16" if t.ndim == 2 else "fp32", data=t.to(torch.float16 if t.ndim == 2 else torch.float32))
         entries.append(e)
     return entries, originals
+
+
+def entropy_bytes(entries: list[dict]) -> int:
+    """Order-0 entropy bound of the quantized symbols plus raw bytes of everything else: a cheap size forecast
+    (zstd-22 lands within about 1% of it on int6 rows)."""
+    total = 0.0
+    for e in entries:
+        if "q" in e:
+            p = torch.bincount(e["q"].flatten().long() + 128, minlength=256).double()
+            p = p[p > 0] / p.sum()
+            total += float(-(p * p.log2()).sum()) * e["q"].numel() / 8 + 2 * e["scale"].numel()
+        else:
+            total += e["data"].numel() * e["data"].element_size()
+    return int(total)
+
+
+def forecast(hp: Config, ctx: Context, model: GPT, ema, step: int) -> None:
+    """At the start of warmdown, forecast the artifact size from the current (EMA) weights."""
+    def go():
+        names = [n for n, _ in model.named_parameters()]
+        state = dict(zip(names, ema)) if ema is not None else model.state_dict()
+        entries, _ = quantize_state(state, quant_bits(model), hp)
+        code = len(read_file(os.path.abspath(__file__), "script"))
+        ctx.log(f"size_forecast:{entropy_bytes(entries) + code} limit:{hp['SIZE_LIMIT_BYTES']} step:{step} "
+                "(order-0 entropy of the quantized weights + code bytes)")
+    ctx.on_rank0(go)
+
+
+# ----------------------------------------------------------------------------- artifact
+# The file that ships: magic + zstd-22(JSON metadata, raw arrays, sha256), written atomically by rank 0, shrunk to
+# fit SIZE_LIMIT_BYTES if needed (zero int6 +-1 values, else int5 matrices), read back on every rank.
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 3  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
 
 
 def _arrays(e):
@@ -942,21 +1622,7 @@ def dequantize(entries: list[dict]) -> dict[str, Tensor]:
     return {e["name"]: e["q"].float() * e["scale"].float()[:, None] if "q" in e else e["data"].float() for e in entries}
 
 
-def entropy_bytes(entries: list[dict]) -> int:
-    """Order-0 entropy bound of the quantized symbols plus raw bytes of everything else: a cheap size forecast
-    (zstd-22 lands within about 1% of it on int6 rows)."""
-    total = 0.0
-    for e in entries:
-        if "q" in e:
-            p = torch.bincount(e["q"].flatten().long() + 128, minlength=256).double()
-            p = p[p > 0] / p.sum()
-            total += float(-(p * p.log2()).sum()) * e["q"].numel() / 8 + 2 * e["scale"].numel()
-        else:
-            total += e["data"].numel() * e["data"].element_size()
-    return int(total)
-
-
-def fit_budget(entries, originals, config, code_bytes: int, limit: int, log, hp, hessians=None) -> bytes:
+def fit_budget(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians=None) -> bytes:
     """Compress; if code + artifact exceeds the limit, zero the int6 values of magnitude 1 whose removal adds the
     least squared error, in that order, choosing the count by a few secant steps on the real compressed size; if
     zeroing all of them is not enough, move whole int6 matrices to int5 instead (fit_int5). Deterministic; raises
@@ -993,7 +1659,8 @@ def fit_budget(entries, originals, config, code_bytes: int, limit: int, log, hp,
     target = limit - code_bytes
     best = build(n)
     if len(best) > target:
-        return fit_int5(entries, originals, config, code_bytes, limit, log, hp, hessians or {}, before)
+        return fit_int5(entries, originals, config, hp, code_bytes=code_bytes, limit=limit, log=log, hessians=hessians or {},
+                        before=before)
     lo, lo_size, hi, hi_size = 0, before, n, len(best)  # lo does not fit, hi fits
     for _ in range(6):
         k = lo + int((hi - lo) * (lo_size - target) / max(1, lo_size - hi_size) * 1.02) + 1
@@ -1012,7 +1679,7 @@ def fit_budget(entries, originals, config, code_bytes: int, limit: int, log, hp,
     return best
 
 
-def fit_int5(entries, originals, config, code_bytes: int, limit: int, log, hp, hessians: dict, before: int) -> bytes:
+def fit_int5(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians: dict, before: int) -> bytes:
     """Requantize int6 matrices to int5 (same scale rule; GPTQ again, at 5 bits, where there is a Hessian) in order of
     added squared error per byte saved (order-0 entropy estimate), and keep the fewest that fit, by bisection on the
     real compressed size (which falls with the count, up to zstd noise of a few hundred bytes). Raises UserError if
@@ -1051,90 +1718,53 @@ def fit_int5(entries, originals, config, code_bytes: int, limit: int, log, hp, h
     return best
 
 
-# ----------------------------------------------------------------------------- evaluation
-def window_plan(n_tokens: int, L: int, stride: int) -> tuple[Tensor, Tensor]:
-    """Windows over a stream of n tokens whose targets are positions 1..n-1. Window k starts at k*stride and
-    predicts targets start+1..start+L; the first scores all L, each later one only its last `stride`. If the last
-    full window ends before the stream, one more window aligned to the end scores the remaining targets. So every
-    target is scored exactly once, and stride == L is the standard non-overlapping evaluation (tail included).
-    Returns (starts, number of scored targets per window)."""
-    last = n_tokens - 1
-    if not 0 < stride <= L <= last:
-        raise UserError(f"cannot evaluate {n_tokens} tokens with window {L} and stride {stride}: need 0 < stride <= length < tokens")
-    n_full = (last - L) // stride + 1
-    starts = torch.arange(n_full, dtype=torch.long) * stride
-    score = torch.full((n_full,), stride, dtype=torch.long)
-    score[0] = L
-    end = (n_full - 1) * stride + L
-    if end < last:
-        starts, score = torch.cat((starts, torch.tensor([last - L]))), torch.cat((score, torch.tensor([last - end])))
-    return starts, score
+def export(hp: Config, ctx: Context, model: GPT, hessians: dict, code_bytes: int, path: str) -> dict:
+    """Quantize the model (GPTQ with `hessians`, else RTN), fit code + artifact under SIZE_LIMIT_BYTES and write the
+    artifact atomically, on rank 0; returns its byte counts."""
+    sizes = {}
+
+    def go():
+        t0, tf32 = time.perf_counter(), torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error feedback in true fp32 (start_distributed turns TF32 on)
+        try:
+            entries, originals = quantize_state(model.state_dict(), quant_bits(model), hp, hessians)
+            ctx.log(f"quantized: method:{hp['QUANT_METHOD']} scale:{hp['QUANT_SCALE']} seconds:{time.perf_counter() - t0:.1f}")
+            blob = fit_budget(entries, originals, model.stored_config(), hp, code_bytes=code_bytes,
+                              limit=hp["SIZE_LIMIT_BYTES"], log=ctx.log, hessians=hessians)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        write_atomic(path, blob, "artifact")
+        total = len(blob) + code_bytes
+        ctx.log(f"artifact: path={path} bytes={len(blob)} export_seconds:{time.perf_counter() - t0:.1f}")
+        ctx.log(f"code_bytes:{code_bytes}")
+        ctx.log(f"total_submission_bytes:{total} limit:{hp['SIZE_LIMIT_BYTES']} {'ok' if total <= hp['SIZE_LIMIT_BYTES'] else 'OVER'}")
+        sizes.update(artifact_bytes=len(blob), code_bytes=code_bytes, total_bytes=total)
+    ctx.on_rank0(go)
+    return sizes
 
 
-def amp_dtype(hp, device) -> torch.dtype | None:
-    """AUTOCAST as the mixed-precision dtype (None = fp32)."""
-    return torch.bfloat16 if hp["AUTOCAST"] == "bf16" or hp["AUTOCAST"] == "auto" and device.type == "cuda" else None
+def read_artifact(path: str) -> tuple[dict, list[dict], int]:
+    """(metadata, entries, file bytes) of the artifact at `path`, verified."""
+    blob = read_file(path, "artifact")
+    return *unpack_artifact(blob, path), len(blob)
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+def load_artifact_model(path: str, device) -> tuple[GPT, dict, int]:
+    """The model rebuilt from the file alone: its architecture and loop depth from the metadata, weights dequantized."""
+    meta, entries, size = read_artifact(path)
+    model = GPT(meta["config"])
+    model.switch(loops=meta["config"]["LOOP_ACTIVE"])
+    model = model.to(device)
+    try:
+        model.load_state_dict(dequantize(entries))
+    except RuntimeError:
+        raise UserError(f"{path} does not match the architecture in its own metadata") from None
+    return model, meta, size
 
 
-def progress(total, desc, rank):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=rank != 0 or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
-
-
-@torch.no_grad()
-def eval_sums(forward, val: Tensor, luts, L: int, stride: int, batch: int, rank: int, world: int, desc="eval",
-              amp=None, windows=None, out: Tensor | None = None) -> Tensor:
-    """This rank's float64 sums (nll, bytes, tokens) over its contiguous share of the windows, `batch` windows per
-    forward pass; the last batch is padded with fully masked windows, so shapes never change. `windows` (starts, lo,
-    hi: positions lo..hi-1 scored) replaces window_plan's; `out`, if given, gets each scored target's nll at its index."""
-    device = val.device
-    if windows is None:
-        starts, score = window_plan(len(val), L, stride)
-        windows = (starts, L - score, torch.full_like(score, L))
-    starts, first, end = (t.to(device) for t in windows)
-    per = -(-len(starts) // world)
-    lo, hi = min(rank * per, len(starts)), min((rank + 1) * per, len(starts))
-    offs, pos = torch.arange(L + 1, device=device), torch.arange(L, device=device)
-    base, lead, bound = luts
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    bar = progress(hi - lo, desc, rank)
-    for b in range(lo, hi, batch):
-        s, f, e = (t[b:min(b + batch, hi)] for t in (starts, first, end))
-        n = len(s)
-        if n < batch:
-            s, f, e = (F.pad(t, (0, batch - n)) for t in (s, f, e))
-        tok = val[s[:, None] + offs].long()
-        x, y = tok[:, :-1], tok[:, 1:]
-        with autocast(device, amp):
-            nll = forward(x, y)
-        mask = (pos[None, :] >= f[:, None]) & (pos[None, :] < e[:, None])
-        nbytes = base[y] + (lead[y] & ~bound[x])  # x holds each target's previous token
-        sums += torch.stack((torch.where(mask, nll.double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
-        if out is not None:
-            out[(s[:, None] + 1 + pos)[mask]] = nll[mask].double()
-        bar.update(n)
-    bar.close()
-    return sums
-
-
-def metrics(sums: Tensor, world: int) -> tuple[float, float, int]:
-    """(val_loss in nats/token, val_bpb, scored tokens) from every rank's eval_sums."""
-    if world > 1:
-        dist.all_reduce(sums)
-    loss_sum, byte_sum, count = sums.tolist()
-    return loss_sum / count, loss_sum / math.log(2) / byte_sum, int(count)
-
-
-def evaluate(forward, val, luts, L, stride, batch, rank, world, desc="eval", amp=None) -> tuple[float, float, int]:
-    """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together; amp: the
-    autocast dtype (None = fp32)."""
-    return metrics(eval_sums(forward, val, luts, L, stride, batch, rank, world, desc, amp), world)
-
-
+# ----------------------------------------------------------------------------- test-time training
+# Legal score-first TTT on the round-tripped model: TTT=chunk (SGD on each scored chunk of the stream) and TTT=doc
+# (per-document LoRA, optionally phases of SGD on the documents already scored).
 def chunk_windows(n: int, L: int, stride: int, C: int) -> list[tuple[Tensor, Tensor, Tensor]]:
     """window_plan's windows grouped by TTT chunk, chunk c holding targets c*C..(c+1)*C-1 (there is no target 0); a
     window whose scored targets straddle a boundary is split there. Per chunk (starts, lo, hi) for eval_sums."""
@@ -1149,81 +1779,82 @@ def chunk_windows(n: int, L: int, stride: int, C: int) -> list[tuple[Tensor, Ten
     return out
 
 
-def ttt_grad(model, val: Tensor, a: int, b: int, L: int, batch: int, rank: int, world: int, amp=None) -> None:
+def ttt_grad(ctx: Context, model: GPT, tokens: Tensor, a: int, b: int, L: int, batch: int) -> None:
     """Each parameter's .grad := the gradient of the mean loss over targets a..b, cut into sequences of L targets
     (the last one shorter), dealt round-robin to the ranks, `batch` per pass, then summed over ranks."""
-    device, n_tgt = val.device, b - a + 1
+    device, n_tgt = tokens.device, b - a + 1
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
-    mine = torch.arange(rank, -(-n_tgt // L), world, device=device)
+    mine = torch.arange(ctx.rank, -(-n_tgt // L), ctx.world, device=device)
     for k in range(0, len(mine), batch):
         t0 = a + L * mine[k:k + batch]
         for t, m in ((t0[t0 + L <= b + 1], L), (t0[t0 + L > b + 1], n_tgt % L)):
             if len(t):
-                tok = val[(t - 1)[:, None] + torch.arange(m + 1, device=device)].long()
-                with autocast(device, amp):
+                tok = tokens[(t - 1)[:, None] + torch.arange(m + 1, device=device)].long()
+                with ctx.autocast():
                     loss = model(tok[:, :-1], tok[:, 1:], per_token=True).sum() / n_tgt
                 loss.backward()
-    if world > 1:
+    if ctx.world > 1:
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         dist.all_reduce(flat)
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
 
 
-def ttt_chunk(hp, model: GPT, fwd, val: Tensor, luts, rank: int, world: int, out: Tensor | None = None):
-    """Legal score-first TTT (DESIGN section 10 A). Chunk by chunk: score every target of the chunk with the current
+def ttt_chunk(hp: Config, ctx: Context, model: GPT, fwd, val: Validation, out: Tensor | None = None):
+    """Legal score-first TTT: chunk by chunk: score every target of the chunk with the current
     weights (sliding windows, EVAL_STRIDE), then take TTT_EPOCHS SGD steps on exactly those targets; every rank
     keeps the same weights; the last chunk is never trained on. A score thus depends only on the tokens before it:
     the weights on the chunks before, the window on causal attention. Returns (val_loss, val_bpb, scored tokens)."""
-    L, C, amp = eval_len(hp), hp["TTT_CHUNK_TOKENS"], amp_dtype(hp, val.device)
+    L, C = hp.eval_len, hp["TTT_CHUNK_TOKENS"]
     stride = min(hp["EVAL_STRIDE"], L) or L
-    chunks = chunk_windows(len(val), L, stride, C)
+    chunks = chunk_windows(len(val.tokens), L, stride, C)
     opt = torch.optim.SGD(model.parameters(), lr=hp["TTT_LR"], momentum=hp["TTT_MOMENTUM"])
-    sums = torch.zeros(3, dtype=torch.float64, device=val.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=val.tokens.device)
     for c, windows in enumerate(chunks):
-        sums += eval_sums(fwd, val, luts, L, stride, hp["EVAL_BATCH_SEQS"], rank, world, f"ttt {c + 1}/{len(chunks)}",
-                          amp, windows=windows, out=out)
+        sums += eval_sums(ctx, fwd, val, L, stride, hp["EVAL_BATCH_SEQS"], desc=f"ttt {c + 1}/{len(chunks)}",
+                          windows=windows, out=out)
         if c < len(chunks) - 1:
-            ttt_sgd(hp, model, opt, val, max(c * C, 1), (c + 1) * C - 1, c / (len(chunks) - 1), rank, world)
-    return metrics(sums, world)
+            ttt_sgd(hp, ctx, model, opt, val.tokens, max(c * C, 1), (c + 1) * C - 1, c / (len(chunks) - 1))
+    return metrics(ctx, sums)
 
 
-def ttt_sgd(hp, model: GPT, opt, val: Tensor, a: int, b: int, t: float, rank: int, world: int) -> None:
+def ttt_sgd(hp: Config, ctx: Context, model: GPT, opt, tokens: Tensor, a: int, b: int, t: float) -> None:
     """TTT_EPOCHS SGD steps on the mean loss of targets a..b, all ranks together, at TTT_LR cosine-decayed to
     t in [0, 1) of the way through the stretches trained on."""
     for g in opt.param_groups:
         g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * t))
     for _ in range(hp["TTT_EPOCHS"]):
-        ttt_grad(model, val, a, b, hp["TRAIN_SEQ_LEN"], hp["EVAL_BATCH_SEQS"], rank, world, amp_dtype(hp, val.device))
+        ttt_grad(ctx, model, tokens, a, b, hp["TRAIN_SEQ_LEN"], hp["EVAL_BATCH_SEQS"])
         opt.step()
     model.zero_grad(set_to_none=True)
 
 
-def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tensor | None = None):
-    """Legal per-document LoRA TTT (DESIGN section 10 B). Document d (BOS to BOS; it also scores the next BOS) is
+def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor | None = None):
+    """Legal per-document LoRA TTT: document d (BOS to BOS; it also scores the next BOS) is
     scored TTT_DOC_CHUNK targets at a time, in a window of at most EVAL_SEQ_LEN that never starts before its BOS, with
     its own fresh adapter, which then takes one AdamW step on those targets. Rows of a batch are documents of similar
     length, padded to a length set by the step alone, so a score depends only on its document's earlier tokens and,
     with TTT_DOC_PHASES > 1, on the base weights, which change only by SGD on whole phases already scored (a phase:
     the documents starting in one equal slice of the stream's positions). Returns (val_loss, val_bpb, scored tokens)."""
-    L, c, nb, r, n, device = eval_len(hp), hp["TTT_DOC_CHUNK"], hp["TTT_DOC_BATCH"], hp["TTT_LORA_RANK"], len(val), val.device
+    tokens = val.tokens
+    L, c, nb, r, n, device = hp.eval_len, hp["TTT_DOC_CHUNK"], hp["TTT_DOC_BATCH"], hp["TTT_LORA_RANK"], len(tokens), tokens.device
     if c > L:
         raise UserError(f"TTT_DOC_CHUNK={c} must be at most the evaluation window {L}")
-    starts = sorted({0} | set((val[:-1] == BOS_ID).nonzero().flatten().tolist()))
+    starts = sorted({0} | set((tokens[:-1] == BOS_ID).nonzero().flatten().tolist()))
     docs, P = list(zip(starts, starts[1:] + [n - 1])), hp["TTT_DOC_PHASES"]  # document = targets start+1..end
-    linears = [m for m in model.modules() if type(m) is QLinear]
+    linears = [m for _, m in model.linears()]
     g = torch.Generator().manual_seed(hp["SEED"])  # one A for every document, on any rank
     a0 = [(torch.randn(r, m.weight.size(1), generator=g) / math.sqrt(m.weight.size(1))).to(device) for m in linears]
     sgd = torch.optim.SGD(model.parameters(), lr=hp["TTT_LR"], momentum=hp["TTT_MOMENTUM"])
-    base, lead, bound = luts
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for ph in range(P):
         phase = [d for d in docs if d[0] * P // n == ph]
-        mine = sorted(phase, key=lambda d: (d[1] - d[0], d[0]))[rank::world]  # like lengths batch together, even ranks
+        mine = sorted(phase, key=lambda d: (d[1] - d[0], d[0]))[ctx.rank::ctx.world]  # like lengths batch together, even ranks
         model.requires_grad_(False)
-        doc_mask, model.hp["DOC_MASK"] = model.hp["DOC_MASK"], 0  # no window holds an earlier document: causal suffices
+        doc_mask = model.sw.doc_mask
+        model.switch(doc_mask=False)  # no window holds an earlier document: causal attention suffices
         for i in range(0, len(mine), nb):
             batch = mine[i:i + nb] + [(0, 0)] * (nb - len(mine[i:i + nb]))  # padding rows score nothing
             s0, e = torch.tensor(batch, device=device).T
@@ -1237,14 +1868,13 @@ def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tenso
                 first, T = s0 + 1 + k * c, min((k + 1) * c, L)
                 last = torch.minimum(first + c - 1, e)
                 w0 = s0 + max(0, (k + 1) * c - T)  # set by the step alone: never by where the document ends
-                tok = val[(w0[:, None] + torch.arange(T + 1, device=device)).clamp(max=n - 1)].long()
+                tok = tokens[(w0[:, None] + torch.arange(T + 1, device=device)).clamp(max=n - 1)].long()
                 x, y = tok[:, :-1], tok[:, 1:]
                 tgt = w0[:, None] + 1 + torch.arange(T, device=device)
                 mask = (tgt >= first[:, None]) & (tgt <= last[:, None])
-                with autocast(device, amp_dtype(hp, device)):
+                with ctx.autocast():
                     nll = model(x, y, per_token=True)
-                nbytes = base[y] + (lead[y] & ~bound[x])
-                sums += torch.stack((torch.where(mask, nll.detach().double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
+                sums += score_sums(nll.detach(), x, y, mask, val.luts)
                 if out is not None:
                     out[tgt[mask]] = nll.detach()[mask].double()
                 ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
@@ -1253,558 +1883,102 @@ def ttt_doc(hp, model: GPT, val: Tensor, luts, rank: int, world: int, out: Tenso
         for m in linears:
             m.lora = None
         model.requires_grad_(True)
-        model.hp["DOC_MASK"] = doc_mask
+        model.switch(doc_mask=doc_mask)
         if ph < P - 1 and phase:  # every rank has scored its share of the phase: train the base on all of it
-            ttt_sgd(hp, model, sgd, val, phase[0][0] + 1, phase[-1][1], ph / (P - 1), rank, world)
-    return metrics(sums, world)
+            ttt_sgd(hp, ctx, model, sgd, tokens, phase[0][0] + 1, phase[-1][1], ph / (P - 1))
+    return metrics(ctx, sums)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-CKPT_MAGIC = b"PGOLFCK\x01"  # file = magic + sha256(payload) + payload (torch.save of tensors, numbers and strings)
-CKPT_FREE = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH", "COMPILE", "TRAIN_LOG_EVERY", "VAL_LOSS_EVERY",
-             "CHECKPOINT_EVERY", "RESUME")  # may change on resume (places, logging, kernels), as may the world size
+# ----------------------------------------------------------------------------- entry point
+def log_run_header(hp: Config, ctx: Context, run_id: str) -> int:
+    """The script itself, byte for byte, then versions, device and every setting; returns the script's size."""
+    script = os.path.abspath(__file__)
+    code = read_file(script, "script")
+    ctx.log(CODE_HEAD.format(name=os.path.basename(script), n=len(code), sha=hashlib.sha256(code).hexdigest()), console=False)
+    ctx.log(code.decode("utf-8"), console=False)
+    ctx.log(CODE_END, console=False)
+    ctx.log(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+            f"device:{torch.cuda.get_device_name(ctx.device) if ctx.device.type == 'cuda' else platform.processor() or 'cpu'} "
+            f"world_size:{ctx.world} cuda:{torch.version.cuda}")
+    ctx.log(f"run_id:{run_id}")
+    for k, v in hp.items():
+        ctx.log(f"{k.lower()}:{v}", console=False)
+    return len(code)
 
 
-def checkpoint_config(hp, files) -> dict:
-    """What a checkpoint must share with the run that resumes it: every setting but CKPT_FREE, and the shard names."""
-    return {k: v for k, v in hp.items() if k not in CKPT_FREE} | {"train_shards": [os.path.basename(f) for f in files]}
+def score(ctx: Context, name: str, fwd, val: Validation, L: int, stride: int, batch: int) -> tuple[float, float, int, float]:
+    """evaluate() timed, logged as `name val_loss:... val_bpb:...`; returns (loss, bpb, tokens, seconds)."""
+    t0 = time.perf_counter()
+    loss, bpb, n = evaluate(ctx, fwd, val, L, stride, batch, name)
+    return loss, bpb, n, time.perf_counter() - t0
 
 
-def write_atomic(path: str, blob: bytes, what: str) -> None:
-    """Temporary name, fsync, rename: `path` holds the previous file or the whole new one, never a part."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise UserError(f"cannot write {what} {path}: {e.strerror}") from None
-
-
-@torch.no_grad()
-def save_checkpoint(path, config, model, opts, ema, loader, step, elapsed, switches, log, rank, world) -> None:
-    """Everything that determines the rest of the run, at a step boundary. Muon keeps momentum only for the matrices
-    a rank owns: one all-reduce of a zero-filled buffer (each slot written by its owner) gives rank 0 all of it, so
-    rank 0 writes one file, and it resumes on any world size (the global batch does not depend on it)."""
-    t0, muon = time.perf_counter(), opts[0]
-    ps = [p for g in muon.param_groups for p in g["params"]]
-    mine = {id(p) for g in muon.param_groups for p in g["params"][rank::world]}
-    flat = torch.zeros(sum(p.numel() for p in ps), device=ps[0].device)
-    for v, p in zip(flat.split([p.numel() for p in ps]), ps):
-        if id(p) in mine and "m" in muon.state[p]:
-            v.copy_(muon.state[p]["m"].flatten())
-    if world > 1:
-        dist.all_reduce(flat)
-
-    def go():
-        state = dict(config=config, step=step, elapsed_ms=elapsed, switches=switches, loader=[loader.stream.idx, loader.stream.pos],
-                     rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state() if flat.is_cuda else None,
-                     model=model.state_dict(), ema=ema, muon=flat, adam=opts[1].state_dict())
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        payload = buf.getvalue()
-        write_atomic(path, CKPT_MAGIC + hashlib.sha256(payload).digest() + payload, "checkpoint")
-        log(f"checkpoint: step:{step} path:{path} bytes:{len(payload) + 40} seconds:{time.perf_counter() - t0:.3f}")
-    on_rank0(go, rank, world)
-
-
-def load_checkpoint(path: str, config: dict) -> dict:
-    """Read and verify a checkpoint (weights_only: tensors and plain values, no code); one that is truncated, altered,
-    foreign or written under other settings is refused with one line."""
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    n = len(CKPT_MAGIC)
-    if not blob.startswith(CKPT_MAGIC):
-        raise UserError(f"{path} is not a checkpoint written by train_gpt.py (bad magic)")
-    if hashlib.sha256(blob[n + 32:]).digest() != blob[n:n + 32]:
-        raise UserError(f"checkpoint {path} is corrupted or truncated (checksum mismatch); delete it to start over")
-    try:
-        ck = torch.load(io.BytesIO(blob[n + 32:]), map_location="cpu", weights_only=True)
-        theirs = dict(ck["config"])
-    except Exception:  # a valid checksum over something this version cannot read
-        raise UserError(f"checkpoint {path} is malformed; it was not written by this version of train_gpt.py") from None
-    diff = [f"{k}={theirs.get(k)!r} (now {config.get(k)!r})" for k in sorted(config.keys() | theirs.keys())
-            if theirs.get(k) != config.get(k)]
-    if diff:
-        raise UserError(f"checkpoint {path} was written with other settings: {', '.join(diff[:4])}; use them or another RUN_ID")
-    return ck
-
-
-@torch.no_grad()
-def restore_checkpoint(ck: dict, model: GPT, opts, ema, loader) -> tuple[int, float, dict]:
-    """Load a verified checkpoint into the live run; returns (step, training milliseconds so far, switches)."""
-    model.load_state_dict(ck["model"])
-    if ema is not None:
-        torch._foreach_copy_(ema, ck["ema"])
-    muon = opts[0]
-    ps = [p for g in muon.param_groups for p in g["params"]]
-    mine = {id(p) for g in muon.param_groups for p in g["params"][muon.rank::muon.world]}
-    for m, p in zip(ck["muon"].split([p.numel() for p in ps]), ps):
-        if id(p) in mine:
-            muon.state[p]["m"] = m.view_as(p).to(p.device, copy=True)
-    opts[1].load_state_dict(ck["adam"])
-    s = loader.stream
-    s.idx, s.pos = ck["loader"]
-    s.tokens = load_data_shard(s.files[s.idx])
-    torch.set_rng_state(ck["rng"])
-    if ck["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ck["cuda_rng"])
-    return ck["step"], ck["elapsed_ms"], ck["switches"]
-
-
-# ----------------------------------------------------------------------------- training loop
-class Logger:
-    """Rank 0 writes every line to stdout and to the run's log file; other ranks stay silent."""
-
-    def __init__(self, rank):
-        self.rank, self.file = rank, None
-
-    def open(self, path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8", newline="")
-
-    def __call__(self, msg: str, console: bool = True):
-        if self.rank != 0:
-            return
-        if console:
-            from tqdm import tqdm
-            tqdm.write(msg)
-        if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
-
-
-def on_rank0(fn, rank, world):
-    """Run fn on rank 0 only; if it fails, every rank raises, so no rank waits forever at the next collective."""
-    err, out = None, None
-    if rank == 0:
-        try:
-            out = fn()
-        except (UserError, OSError) as e:
-            err = e if isinstance(e, UserError) else UserError(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}")
-    if world > 1:
-        flag = torch.tensor([float(err is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag)
-        if flag.item() and err is None:
-            err = UserError("rank 0 failed (see its message)")
-    if err is not None:
-        raise err
+def run(hp: Config, ctx: Context, run_id: str) -> dict:
+    """The submission, from configuration to score. Returns what it measured (and the models) for callers and tests."""
+    code_bytes = log_run_header(hp, ctx, run_id)
+    torch.manual_seed(hp["SEED"])
+    np.random.seed(hp["SEED"])
+    path = hp["ARTIFACT"] or os.path.join(hp["LOG_DIR"], f"{run_id}.ptz")
+    out = dict(run_id=run_id, artifact=path)
+    if hp["EVAL_ONLY"]:
+        ctx.log(f"eval_only artifact:{path} config:{json.dumps(read_artifact(path)[0]['config'], separators=(',', ':'))}")
+    val = load_validation(hp, ctx.device)
+    L, batch = hp.eval_len, hp["EVAL_BATCH_SEQS"]
+    if not hp["EVAL_ONLY"]:
+        ts = train(hp, ctx, val, run_id)                          # model, loader: trained weights (EMA), data position
+        hessians = calibrate(hp, ctx, ts)                          # GPTQ input Hessians, inside the training cap
+        loss, bpb, _, _ = score(ctx, "pre-quant eval", eval_forward(ts.model, ctx.compile), val, L, L, batch)
+        ctx.log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+        sizes = export(hp, ctx, ts.model, hessians, code_bytes, path)  # quantize, fit the cap, write the artifact
+        out |= sizes | dict(model=ts.model, hessians=hessians, steps=ts.step, train_ms=ts.elapsed_ms, qat_enabled=ts.model.sw.qat,
+                            model_params=sum(p.numel() for p in ts.model.parameters()), pre_quant_loss=loss, pre_quant_bpb=bpb)
+    rt, _, _ = load_artifact_model(path, ctx.device)              # round trip: every rank reads the file on disk
+    fwd = eval_forward(rt, ctx.compile)
+    loss, bpb, n, dt = score(ctx, "roundtrip eval", fwd, val, L, L, batch)
+    ctx.log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{n} eval_seconds:{dt:.2f}")
+    out |= dict(roundtrip_loss=loss, roundtrip_bpb=bpb, roundtrip_model=rt)
+    if 0 < hp["EVAL_STRIDE"] < L:                                 # sliding windows: every target with long context
+        loss, bpb, n, dt = score(ctx, "sliding eval", fwd, val, L, hp["EVAL_STRIDE"], batch)
+        ctx.log(f"final_sliding_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp['EVAL_STRIDE']} seq_len:{L} eval_seconds:{dt:.2f}")
+        ctx.log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{val.full_tokens} "
+                f"full_split_estimate_s:{dt * (val.full_tokens - 1) / n:.1f}")
+        out |= dict(sliding_loss=loss, sliding_bpb=bpb)
+    if hp["TTT"] != "off":                                        # test-time training on a fresh copy of the artifact
+        model, _, _ = load_artifact_model(path, ctx.device)
+        t0 = time.perf_counter()
+        if hp["TTT"] == "chunk":
+            loss, bpb, n = ttt_chunk(hp, ctx, model, eval_forward(model, ctx.compile), val)
+        else:
+            loss, bpb, n = ttt_doc(hp, ctx, model, val)
+        dt = time.perf_counter() - t0
+        ctx.log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} protocol:{hp['TTT']} eval_seconds:{dt:.2f}")
+        est = dt * (val.full_tokens - 1) / n
+        ctx.log(f"ttt_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{val.full_tokens} "
+                f"full_split_estimate_s:{est:.1f} full_split_8gpu_estimate_s:{est * ctx.world / 8:.1f}")
+        out |= dict(ttt_loss=loss, ttt_bpb=bpb)
     return out
 
 
-def train_cap_ms(hp) -> float:
-    """Wall-clock end of the training loop (0 = none): the cap, less GPTQ's calibration reserve under gptq."""
-    reserve = hp["GPTQ_RESERVE_SECONDS"] if hp["QUANT_METHOD"] == "gptq" else 0.0
-    return 1000 * (hp["MAX_WALLCLOCK_SECONDS"] - reserve) if hp["MAX_WALLCLOCK_SECONDS"] > 0 else 0.0
-
-
-def budget_frac(hp, step: int, elapsed_ms: float) -> float:
-    """Fraction of the training budget used: of ITERATIONS, or of the wall-clock cap if that comes first."""
-    cap_ms = train_cap_ms(hp)
-    return max(step / hp["ITERATIONS"], elapsed_ms / cap_ms if cap_ms > 0 else 0.0)
-
-
-def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
-    """1, then a linear warmdown towards 0 (floored at MIN_LR): over the last WARMDOWN_FRAC of the budget, or else
-    over the last WARMDOWN_ITERS steps, measured in time with a wall-clock cap: remaining / (N * mean step time)."""
-    wd, mult = hp["WARMDOWN_ITERS"], 1.0
-    if hp["WARMDOWN_FRAC"] > 0:
-        mult = min(1.0, (1.0 - budget_frac(hp, step, elapsed_ms)) / hp["WARMDOWN_FRAC"])
-    elif wd > 0:
-        mult = min(1.0, max(hp["ITERATIONS"] - step, 0) / wd)
-        cap_ms = train_cap_ms(hp)
-        if cap_ms > 0 and step > 0 and elapsed_ms > 0:
-            mult = min(mult, max(cap_ms - elapsed_ms, 0.0) / (wd * elapsed_ms / step))
-    return max(mult, hp["MIN_LR"])
-
-
-def load_artifact_model(path: str, device) -> tuple[GPT, dict, int]:
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read artifact {path}: {e.strerror}") from None
-    meta, entries = unpack_artifact(blob, path)
-    model = GPT(meta["config"]).to(device)
-    try:
-        model.load_state_dict(dequantize(entries))
-    except RuntimeError:
-        raise UserError(f"{path} does not match the architecture in its own metadata") from None
-    return model, meta, len(blob)
-
-
 def main(env=None) -> dict:
-    hp = parse_hparams(env)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if distributed and not dist.is_initialized():
-        # 30 min: the other ranks wait at a collective while rank 0 runs the budget fit (minutes of zstd-22)
-        timeout, store = datetime.timedelta(minutes=30), None
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store outlives a restart: new keys
-            store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", dist.TCPStore(
-                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timeout))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout, store=store, rank=rank,
-                                world_size=world)
-    check_hparams(hp, world)
-    use_compile = hp["COMPILE"] == 1 or (hp["COMPILE"] == -1 and device.type == "cuda")
+    """Join the ranks, resolve the configuration (under EVAL_ONLY with the artifact's architecture), open the log,
+    run(); a UserError is logged and re-raised."""
+    rank, world, device = start_distributed()
+    hp = resolve_config(env, world)
+    if hp["EVAL_ONLY"]:
+        hp = resolve_config(env, world, stored_arch=read_artifact(hp["ARTIFACT"])[0]["config"])
     run_id = hp["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if world > 1:
         box = [run_id]
         dist.broadcast_object_list(box, src=0)
         run_id = box[0]
-    artifact_path = hp["ARTIFACT"] or os.path.join(hp["LOG_DIR"], f"{run_id}.ptz")
-    log = Logger(rank)
-    on_rank0(lambda: log.open(os.path.join(hp["LOG_DIR"], f"{run_id}.txt")), rank, world)
+    use_compile = hp["COMPILE"] == 1 or (hp["COMPILE"] == -1 and device.type == "cuda")
+    ctx = Context(rank, world, device, amp_dtype(hp, device), use_compile, Logger(rank))
+    ctx.on_rank0(lambda: ctx.log.open(os.path.join(hp["LOG_DIR"], f"{run_id}.txt")))
     try:
-        return run(hp, log, rank, world, device, use_compile, run_id, artifact_path)
+        return run(hp, ctx, run_id)
     except UserError as e:
-        log(f"error: {e}", console=False)
+        ctx.log(f"error: {e}", console=False)
         raise
-
-
-def run(hp, log, rank, world, device, use_compile, run_id, artifact_path) -> dict:
-    script = os.path.abspath(__file__)
-    with open(script, "rb") as f:
-        code = f.read()
-    log(CODE_HEAD.format(name=os.path.basename(script), n=len(code), sha=hashlib.sha256(code).hexdigest()), console=False)
-    log(code.decode("utf-8"), console=False)
-    log(CODE_END, console=False)
-    log(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"device:{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
-        f"world_size:{world} cuda:{torch.version.cuda}")
-    log(f"run_id:{run_id}")
-    for k, v in hp.items():
-        log(f"{k.lower()}:{v}", console=False)
-    torch.manual_seed(hp["SEED"])
-    np.random.seed(hp["SEED"])
-    if hp["EVAL_ONLY"]:
-        model, meta, _ = load_artifact_model(artifact_path, device)
-        hp.update(meta["config"])
-        log(f"eval_only artifact:{artifact_path} config:{json.dumps(meta['config'], separators=(',', ':'))}")
-    val, full_val = load_validation(hp)
-    val = val.to(device)
-    luts = byte_luts(hp, device)
-    L_eval = eval_len(hp)
-    result, amp = dict(run_id=run_id, artifact=artifact_path), amp_dtype(hp, device)
-    attn_backend = "fa3" if _fa3 is not None and device.type == "cuda" else "sdpa"
-    if not hp["EVAL_ONLY"]:
-        model = train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, result)
-        export(hp, log, rank, world, model, len(code), artifact_path, result)
-    # round trip: every rank rebuilds the model from the file on disk
-    rt, meta, size = load_artifact_model(artifact_path, device)
-    fwd = eval_forward(rt, use_compile)
-    t0 = time.perf_counter()
-    loss, bpb, n = evaluate(fwd, val, luts, L_eval, L_eval, hp["EVAL_BATCH_SEQS"], rank, world, "roundtrip eval", amp)
-    log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{n} eval_seconds:{time.perf_counter() - t0:.2f}")
-    result.update(roundtrip_loss=loss, roundtrip_bpb=bpb, roundtrip_model=rt)
-    if 0 < hp["EVAL_STRIDE"] < L_eval:
-        t0 = time.perf_counter()
-        loss, bpb, n = evaluate(fwd, val, luts, L_eval, hp["EVAL_STRIDE"], hp["EVAL_BATCH_SEQS"], rank, world, "sliding eval", amp)
-        dt = time.perf_counter() - t0
-        log(f"final_sliding_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp['EVAL_STRIDE']} seq_len:{L_eval} eval_seconds:{dt:.2f}")
-        log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full_val} "
-            f"full_split_estimate_s:{dt * (full_val - 1) / n:.1f}")
-        result.update(sliding_loss=loss, sliding_bpb=bpb)
-    if hp["TTT"] != "off":
-        model, _, _ = load_artifact_model(artifact_path, device)  # a fresh copy: TTT changes its weights
-        t0 = time.perf_counter()
-        if hp["TTT"] == "chunk":
-            loss, bpb, n = ttt_chunk(hp, model, eval_forward(model, use_compile), val, luts, rank, world)
-        else:
-            loss, bpb, n = ttt_doc(hp, model, val, luts, rank, world)
-        dt = time.perf_counter() - t0
-        log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} protocol:{hp['TTT']} eval_seconds:{dt:.2f}")
-        est = dt * (full_val - 1) / n
-        log(f"ttt_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full_val} full_split_estimate_s:{est:.1f} "
-            f"full_split_8gpu_estimate_s:{est * world / 8:.1f}")
-        result.update(ttt_loss=loss, ttt_bpb=bpb)
-    return result
-
-
-def eval_forward(model: GPT, use_compile: bool):
-    model.eval()
-    fwd = lambda x, y: model(x, y, per_token=True)
-    return torch.compile(fwd, dynamic=False) if use_compile else fwd
-
-
-def train(hp, log, rank, world, device, use_compile, attn_backend, val, luts, result) -> GPT:
-    model = GPT(hp).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model_params:{n_params}")
-    result["model_params"] = n_params
-    qat, amp = hp["QAT_THRESHOLD"] > 0, amp_dtype(hp, device)
-    model.set_qat(hp if qat else None)
-    xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
-    log(f"features: attention:{attn_backend} compile:{'on' if use_compile else 'off'} autocast:{'bf16' if amp else 'off'} "
-        f"xsa_layers:{xsa} ve_layers:{model.ve_layers} layers_per_pass:{[len(o) for o in model.orders]} "
-        f"ema:{hp['EMA_DECAY']} qat_threshold:{hp['QAT_THRESHOLD']} (every setting is in the log above)")
-    fwd = torch.compile(model, dynamic=False) if use_compile else model
-    ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False) if world > 1 else fwd
-    opts = build_optimizers(model, hp, rank, world)
-    params = list(model.parameters())
-    accum, L, B = hp["MICRO_BATCHES"] // world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"]
-    files = shard_files(hp, "train")
-    log(f"train_shards:{len(files)} val_tokens:{len(val)} world_size:{world} grad_accum_steps:{accum} "
-        f"micro_batch_seqs:{B // L // world // accum}")
-    ck_steps, ck_secs = checkpoint_every(hp)
-    ck_path, ck_config = os.path.join(hp["LOG_DIR"], f"{result['run_id']}.ckpt"), checkpoint_config(hp, files)
-    resume = ck_path if hp["RESUME"] == "auto" else hp["RESUME"]
-    ck = load_checkpoint(resume, ck_config) if resume and (resume != ck_path or os.path.exists(ck_path)) else None
-    if resume and ck is None:
-        log(f"resume: no checkpoint at {resume}, starting at step 0")
-
-    def step_fn(loader, step, elapsed_ms):
-        mult = lr_multiplier(hp, step, elapsed_ms)
-        frac = min(step / hp["MUON_MOMENTUM_WARMUP_STEPS"], 1.0) if hp["MUON_MOMENTUM_WARMUP_STEPS"] else 1.0
-        opts[0].param_groups[0]["momentum"] = (1 - frac) * hp["MUON_MOMENTUM_WARMUP_START"] + frac * hp["MUON_MOMENTUM"]
-        for opt in opts:
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * mult
-        x, y = loader.next_batch(B, L)
-        total = torch.zeros((), device=device)
-        for i, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
-            sync = ddp.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext()
-            with sync, autocast(device, amp):
-                loss = ddp(xm, ym)
-            (loss / accum).backward()
-            total += loss.detach()
-        if hp["GRAD_CLIP_NORM"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, hp["GRAD_CLIP_NORM"], foreach=True)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return total / accum, mult
-
-    # warm-up steps compile and warm every kernel (QAT branch and every loop depth included), then everything is reset
-    starts = loop_starts(hp)
-    if hp["WARMUP_STEPS"]:
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
-        loader = DistributedTokenLoader(files, rank, world, device)
-        for s in range(hp["WARMUP_STEPS"]):
-            model.qat_switch(qat and s >= hp["WARMUP_STEPS"] // 2)
-            model.hp["LOOP_ACTIVE"] = s % len(model.orders)
-            step_fn(loader, 0, 0.0)
-        model.hp["LOOP_ACTIVE"] = 0
-        model.load_state_dict(initial)
-        for opt in opts:
-            opt.state.clear()
-        log(f"warmup_steps:{hp['WARMUP_STEPS']} done (weights and optimizer state restored)")
-    qat_on = qat and hp["QAT_THRESHOLD"] >= 1.0
-    model.qat_switch(qat_on)
-    if qat_on:
-        log("late_qat:enabled step:0 lr_mult:1.000")
-    ema = [p.detach().clone() for p in params] if hp["EMA_DECAY"] > 0 else None
-    loader = DistributedTokenLoader(files, rank, world, device)
-    step, train_ms, elapsed, forecast_done, last_ms, loop_log = 0, 0.0, 0.0, False, 0.0, 0
-    if ck is not None:
-        step, train_ms, switches = restore_checkpoint(ck, model, opts, ema, loader)
-        elapsed, qat_on, forecast_done = train_ms, switches["qat"], switches["forecast"]
-        model.qat_switch(qat_on)
-        model.hp["LOOP_ACTIVE"] = switches["loops"]
-        log(f"resume: {resume} step:{step} train_time:{train_ms:.0f}ms")
-    stats = torch.zeros(4, dtype=torch.float64, device=device)
-    bar = progress(hp["ITERATIONS"], "train", rank)
-    bar.update(step)
-    stop, ck_last = [], elapsed
-
-    def on_stop(sig, _):  # SIGTERM/SIGINT: checkpoint at the next step boundary (all ranks agree via stats), then exit
-        stop.append(sig)
-        signal.signal(sig, handlers[sig])  # a second one acts at once
-
-    handlers = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    while True:
-        loss, mult = step_fn(loader, step, elapsed)  # training time so far, identical on every rank
-        if ema is not None:
-            ema_update(ema, params, hp["EMA_DECAY"])
-        step += 1
-        stats[0], stats[1], stats[2] = train_ms + 1000 * (time.perf_counter() - t0), loss, (~torch.isfinite(loss)).double()
-        stats[3] = float(bool(stop))
-        if world > 1:
-            dist.all_reduce(stats)
-        elapsed, mean_loss, bad, stopped = (stats / world).tolist() if world > 1 else stats.tolist()
-        if bad:
-            raise UserError(f"non-finite training loss at step {step}; lower the learning rates or check the data")
-        if loop_log:  # the step time right after a loop switch: no recompile stall if warm-up compiled every depth
-            log(f"layer_loop: first_step_ms:{elapsed - last_ms:.1f} previous_step_ms:{loop_log:.1f}")
-            loop_log = 0
-        frac = budget_frac(hp, step, elapsed)
-        loops = sum(frac >= a for a in starts)
-        if loops != model.hp["LOOP_ACTIVE"]:
-            model.hp["LOOP_ACTIVE"], loop_log = loops, elapsed - last_ms
-            log(f"layer_loop:enabled passes:{loops} step:{step} frac:{frac:.3f} layers:{len(model.orders[loops])}")
-        last_ms = elapsed
-        if qat and not qat_on and mult < hp["QAT_THRESHOLD"]:
-            qat_on = True
-            model.qat_switch(True)
-            log(f"late_qat:enabled step:{step} lr_mult:{mult:.3f}")
-        if not forecast_done and mult < 1.0:
-            forecast_done = True
-            forecast(hp, log, rank, world, model, ema, step)
-        done = step >= hp["ITERATIONS"] or 0 < train_cap_ms(hp) <= elapsed
-        bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-        if step % hp["TRAIN_LOG_EVERY"] == 0 or step == 1 or done:
-            log(f"step:{step}/{hp['ITERATIONS']} train_loss:{mean_loss:.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / step:.2f}ms lr_mult:{mult:.4f}")
-        if hp["VAL_LOSS_EVERY"] and (step % hp["VAL_LOSS_EVERY"] == 0 or done):
-            sync()
-            train_ms, t_val = elapsed, time.perf_counter()
-            vl, vb, _ = evaluate(eval_forward(model, use_compile), val, luts, eval_len(hp), eval_len(hp),
-                                 hp["EVAL_BATCH_SEQS"], rank, world, "val", amp)
-            model.train()
-            log(f"step:{step}/{hp['ITERATIONS']} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{elapsed:.0f}ms "
-                f"eval_time:{1000 * (time.perf_counter() - t_val):.0f}ms")
-            t0 = time.perf_counter()
-        stopped = stopped and not done  # a signal at the last step: training is complete, go on
-        if stopped or not done and (ck_steps and step % ck_steps == 0 or ck_secs and elapsed - ck_last >= 1000 * ck_secs):
-            ck_last = elapsed  # checkpoint time counts as training time: it is wall clock inside the loop
-            save_checkpoint(ck_path, ck_config, model, opts, ema, loader, step, elapsed, dict(qat=qat_on, forecast=forecast_done, loops=model.hp["LOOP_ACTIVE"]),
-                            log, rank, world)
-        if stopped:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            raise UserError(f"stopped by SIGTERM/SIGINT at step {step}; continue with RUN_ID={result['run_id']} RESUME=auto "
-                            f"(same settings) from {ck_path}")
-        if done:
-            break
-    for s, h in handlers.items():
-        signal.signal(s, h)
-    bar.close()
-    log(f"train_done steps:{step} train_time:{elapsed:.0f}ms step_avg:{elapsed / step:.2f}ms"
-        + (f" peak_mem_gib:{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else ""))
-    result.update(steps=step, train_ms=elapsed, qat_enabled=qat_on)
-    model.set_qat(None)  # calibration and pre-quant eval: the float weights, without fake-quant ops in the graph
-    if ema is not None:
-        with torch.no_grad():
-            torch._foreach_copy_(params, ema)
-    if hp["QUANT_METHOD"] == "gptq":  # inside the training budget: it reads training data
-        limit = 1000 * hp["MAX_WALLCLOCK_SECONDS"]
-        hs, batches, ms = collect_hessians(model, hp, loader, world, device, limit - elapsed if limit > 0 else None)
-        log(f"gptq_calibration: batches:{batches} tokens:{batches * B} seconds:{ms / 1000:.2f} "
-            f"train_plus_calibration_ms:{elapsed + ms:.0f} limit_ms:{limit:.0f}"
-            + (" OVER: raise GPTQ_RESERVE_SECONDS" if 0 < limit < elapsed + ms else ""))
-        result.update(hessians=hs, calib_ms=ms)
-    loss, bpb, _ = evaluate(eval_forward(model, use_compile), val, luts, eval_len(hp), eval_len(hp),
-                            hp["EVAL_BATCH_SEQS"], rank, world, "pre-quant eval", amp)
-    log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    result.update(pre_quant_loss=loss, pre_quant_bpb=bpb, model=model)
-    return model
-
-
-@torch.no_grad()
-def ema_update(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * w, one fused foreach op over all tensors."""
-    torch._foreach_lerp_(ema, params, 1.0 - decay)
-
-
-@torch.no_grad()
-def collect_hessians(model: GPT, hp, loader, world: int, device, budget_ms: float | None) -> tuple[dict, int, float]:
-    """GPTQ calibration: H = sum of X^T X over the inputs of every matrix that ships quantized (for the tied
-    embedding, the final-norm output: it is also the output layer), from up to GPTQ_CALIB_BATCHES further training
-    batches run forward through `model` (the weights that will be exported). Each rank keeps one H per local
-    micro-batch slot, sums its slots as a midpoint tree, then all ranks meet in one all-reduce: 1 and 2 ranks give
-    bit-identical H. Stops early (after at least one batch) when the next batch would pass budget_ms (None = no
-    cap). Returns (H by parameter name, batches, milliseconds including the final all-reduce)."""
-    accum, L, B = hp["MICRO_BATCHES"] // world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"]
-    bits, big = quant_bits(model), lambda p: p.numel() > hp["QUANT_MIN_NUMEL"]
-    targets = {m: (f"{n}.weight", m.weight.size(1)) for n, m in model.named_modules()
-               if type(m) is QLinear and f"{n}.weight" in bits and big(m.weight)}
-    if "tok_emb.weight" in bits and big(model.tok_emb.weight):
-        targets[model.final_norm] = ("tok_emb.weight", model.tok_emb.weight.size(1))
-    H = {k: torch.zeros(accum, d, d, device=device) for k, d in targets.values()}
-    slot, last = [0], [None, None]
-
-    def add(key, x):
-        if last[0] is not x:  # q, k and v share one input: one product
-            xf = x.detach().reshape(-1, x.size(-1)).float()
-            with torch.autocast(xf.device.type, enabled=False):  # fp32 inputs (TF32 matmul on CUDA), not autocast's bf16
-                last[0], last[1] = x, xf.T @ xf
-        H[key][slot[0]] += last[1]
-
-    hooks = [m.register_forward_pre_hook(lambda _, a, k=k: add(k, a[0])) if type(m) is QLinear else
-             m.register_forward_hook(lambda _, a, out, k=k: add(k, out)) for m, (k, _) in targets.items()]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0, batches, slowest, spent = time.perf_counter(), 0, 0.0, 0.0
-    try:
-        while batches < hp["GPTQ_CALIB_BATCHES"]:
-            t = time.perf_counter()
-            x, y = loader.next_batch(B, L)
-            for j, (xm, ym) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
-                slot[0] = j
-                with autocast(device, amp_dtype(hp, device)):
-                    model(xm, ym)
-            sync()
-            batches += 1
-            times = torch.tensor([time.perf_counter() - t0, time.perf_counter() - t], device=device) * 1000
-            if world > 1:  # every rank takes the same decision
-                dist.all_reduce(times, op=dist.ReduceOp.MAX)
-            spent, slowest = times[0].item(), max(slowest, times[1].item())
-            if budget_ms is not None and spent + slowest > budget_ms:
-                break
-    finally:
-        for h in hooks:
-            h.remove()
-    tree = lambda t: t[0] if len(t) == 1 else tree(t[:len(t) // 2]) + tree(t[len(t) // 2:])
-    flat = torch.cat([tree(h).flatten() for h in H.values()])
-    if world > 1:
-        dist.all_reduce(flat)
-    out, off = {}, 0
-    for k, h in H.items():
-        out[k], off = flat[off:off + h[0].numel()].view_as(h[0]), off + h[0].numel()
-    sync()
-    return out, batches, 1000 * (time.perf_counter() - t0)
-
-
-def forecast(hp, log, rank, world, model, ema, step):
-    """At the start of warmdown, forecast the artifact size from the current (EMA) weights."""
-    def go():
-        names = [n for n, _ in model.named_parameters()]
-        state = dict(zip(names, ema)) if ema is not None else model.state_dict()
-        entries, _ = quantize_state(state, quant_bits(model), hp)
-        with open(os.path.abspath(__file__), "rb") as f:
-            code = len(f.read())
-        log(f"size_forecast:{entropy_bytes(entries) + code} limit:{hp['SIZE_LIMIT_BYTES']} step:{step} "
-            "(order-0 entropy of the quantized weights + code bytes)")
-    on_rank0(go, rank, world)
-
-
-def export(hp, log, rank, world, model: GPT, code_bytes: int, path: str, result: dict):
-    def go():
-        t0 = time.perf_counter()
-        hs, tf32 = result.get("hessians"), torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error feedback in true fp32 (main() turns TF32 on)
-        try:
-            entries, originals = quantize_state(model.state_dict(), quant_bits(model), hp, hs)
-            log(f"quantized: method:{hp['QUANT_METHOD']} scale:{hp['QUANT_SCALE']} seconds:{time.perf_counter() - t0:.1f}")
-            blob = fit_budget(entries, originals, model.hp, code_bytes, hp["SIZE_LIMIT_BYTES"], log, hp, hs)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-        write_atomic(path, blob, "artifact")
-        total = len(blob) + code_bytes
-        log(f"artifact: path={path} bytes={len(blob)} export_seconds:{time.perf_counter() - t0:.1f}")
-        log(f"code_bytes:{code_bytes}")
-        log(f"total_submission_bytes:{total} limit:{hp['SIZE_LIMIT_BYTES']} {'ok' if total <= hp['SIZE_LIMIT_BYTES'] else 'OVER'}")
-        result.update(artifact_bytes=len(blob), code_bytes=code_bytes, total_bytes=total)
-    on_rank0(go, rank, world)
 
 
 if __name__ == "__main__":

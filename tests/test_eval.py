@@ -4,6 +4,8 @@ import json
 import math
 import time
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,7 +48,8 @@ def test_split_over_ranks_and_batches_scores_each_position_once(n, L, stride):
         for batch in (1, 5, 64):
             tot = torch.zeros(3, dtype=torch.float64)
             for p in (0, 1, 2):
-                sums = sum(T.eval_sums(counting_forward(p), val, luts, L, stride, batch, r, world) for r in range(world))
+                sums = sum(T.eval_sums(T.Context(r, world), counting_forward(p), T.Validation(val, luts, n), L, stride, batch)
+                           for r in range(world))
                 tot[p] = sums[0]
                 assert sums[2] == n - 1 and sums[1] == n - 1  # tokens and bytes: one each
             assert tot.tolist() == want, (world, batch)
@@ -71,45 +74,46 @@ def reference_eval(model, val, luts, L, stride):
 
 @pytest.fixture(scope="module")
 def smoke_model(sample_data):
-    hp = T.parse_hparams({"SMOKE": "1"})
+    hp = T.resolve_config({"SMOKE": "1", "VAL_MAX_TOKENS": "4000"})
     torch.manual_seed(0)
     model = T.GPT(hp).eval()
-    val, _ = T.load_validation(hp | {"VAL_MAX_TOKENS": 4000})
-    return model, val, T.byte_luts(hp, torch.device("cpu")), hp
+    return model, T.load_validation(hp, torch.device("cpu")), hp
 
 
 def test_batched_eval_equals_per_window_reference(smoke_model):
-    model, val, luts, _ = smoke_model
+    model, v, _ = smoke_model
+    val, luts = v.tokens, v.luts
     fwd = T.eval_forward(model, False)
     for stride in (128, 32, 50):
-        loss, bpb, n = T.evaluate(fwd, val, luts, 128, stride, 16, 0, 1)
+        loss, bpb, n = T.evaluate(T.Context(), fwd, v, 128, stride, 16)
         ref_loss, ref_bpb = reference_eval(model, val, luts, 128, stride)
         assert n == len(val) - 1
         assert abs(bpb - ref_bpb) < 1e-6 and abs(loss - ref_loss) < 1e-6, stride
-    std = T.evaluate(fwd, val, luts, 128, 128, 16, 0, 1)
+    std = T.evaluate(T.Context(), fwd, v, 128, 128, 16)
     assert abs(std[1] - reference_eval(model, val, luts, 128, 128)[1]) < 1e-6  # stride == L is the standard eval
 
 
 def test_eval_does_not_depend_on_world_size_or_batch(smoke_model):
-    model, val, luts, _ = smoke_model
+    model, v, _ = smoke_model
     fwd = T.eval_forward(model, False)
-    val = val[:2500]
-    one = T.eval_sums(fwd, val, luts, 128, 64, 32, 0, 1)
+    v = dataclasses.replace(v, tokens=v.tokens[:2500])
+    one = T.eval_sums(T.Context(), fwd, v, 128, 64, 32)
     for world, batch in ((3, 7), (2, 32), (5, 3)):
-        many = sum(T.eval_sums(fwd, val, luts, 128, 64, batch, r, world) for r in range(world))
+        many = sum(T.eval_sums(T.Context(r, world), fwd, v, 128, 64, batch) for r in range(world))
         torch.testing.assert_close(many, one, rtol=1e-9, atol=0)
 
 
 def test_sliding_eval_benchmark_vs_per_window_loop(smoke_model, capsys):
     """The benchmark quoted in the notes (median of 3, same model, same tokens); timing is reported, not asserted,
     since CI machines are noisy, but both paths must agree."""
-    model, val, luts, _ = smoke_model
-    val = val[:3000]
+    model, v, _ = smoke_model
+    v = dataclasses.replace(v, tokens=v.tokens[:3000])
+    val, luts = v.tokens, v.luts
     fwd = T.eval_forward(model, False)
     fast, slow = [], []
     for _ in range(3):
         t0 = time.perf_counter()
-        got = T.evaluate(fwd, val, luts, 128, 32, 32, 0, 1)
+        got = T.evaluate(T.Context(), fwd, v, 128, 32, 32)
         fast.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -45,7 +45,7 @@ def test_recurrence_reuses_the_blocks_and_gradients_accumulate_over_passes():
     flat = T.GPT(frontier_hp(LOOP_LAYERS=""))
     n = lambda m, skip: sum(p.numel() for k, p in m.named_parameters() if k.startswith("skip") == skip)
     assert n(tied, False) == n(flat, False) and n(tied, True) == n(flat, True) + 2 * 2 * 64  # 4 skips vs 2, x 2 tensors
-    tied.hp["LOOP_ACTIVE"] = 1
+    tied.switch(loops=1)
     unrolled = copy.deepcopy(tied)
     b = unrolled.blocks
     unrolled.blocks = torch.nn.ModuleList([b[0], b[1], b[2], copy.deepcopy(b[1]), copy.deepcopy(b[2]), b[3]])
@@ -59,7 +59,7 @@ def test_recurrence_reuses_the_blocks_and_gradients_accumulate_over_passes():
                                      unrolled.blocks[j].parameters()):
             assert torch.allclose(p.grad, q1.grad + q2.grad, rtol=1e-4, atol=1e-6), name
             assert not torch.allclose(q1.grad, q2.grad), name  # both passes contribute
-    tied.hp["LOOP_ACTIVE"] = 0
+    tied.switch(loops=0)
     assert not torch.allclose(tied(x, y), lt)  # the extra pass changes the function
 
 
@@ -73,11 +73,11 @@ def test_loop_switch_under_compile_changes_the_output_without_a_recompile():
     outs = []
     with torch.no_grad():
         for depth in range(len(model.orders)):  # warm-up
-            model.hp["LOOP_ACTIVE"] = depth
+            model.switch(loops=depth)
             outs.append(f(x, y))
         frames = counters["stats"]["unique_graphs"]
         for depth in (0, 1, 2, 0, 2):
-            model.hp["LOOP_ACTIVE"] = depth
+            model.switch(loops=depth)
             assert torch.equal(f(x, y), outs[depth])
     assert counters["stats"]["unique_graphs"] == frames == 3
     assert len({o.item() for o in outs}) == 3
@@ -178,7 +178,7 @@ def test_warmdown_fraction_and_lr_floor():
 
 def test_embedding_weight_decay_is_separate():
     hp = T.parse_hparams({"SMOKE": "1", "EMBED_WD": "0.085", "ADAM_WD": "0.02"})
-    _, adam = T.build_optimizers(T.GPT(hp), hp, 0, 1)
+    _, adam = T.build_optimizers(T.GPT(hp), hp, T.Context())
     assert [g["weight_decay"] for g in adam.param_groups] == [0.085, 0.02]
 
 
@@ -220,13 +220,14 @@ def test_rope_base_is_the_records_ntk_scaled_base():
 
 def test_vocab_size_follows_the_tokenizer_unless_set(sample_data):
     data, tok = sample_data
-    assert T.parse_hparams({})["VOCAB_AUTO"] == 1 and T.parse_hparams({"VOCAB_SIZE": "1024"})["VOCAB_AUTO"] == 0
-    hp = T.parse_hparams({"TOKENIZER_PATH": str(tok)}) | {"VOCAB_SIZE": 8192}
+    hp = T.resolve_config({"PRESET": "frontier", "TOKENIZER_PATH": str(tok)})  # the preset's default would be 8192
+    assert hp["VOCAB_SIZE"] == 1024 and hp.arch["VOCAB_SIZE"] == 1024
     T.byte_luts(hp, torch.device("cpu"))
-    assert hp["VOCAB_SIZE"] == 1024
-    hp = T.parse_hparams({"TOKENIZER_PATH": str(tok), "VOCAB_SIZE": "8192"})
+    hp = T.resolve_config({"TOKENIZER_PATH": str(tok), "VOCAB_SIZE": "8192"})
     with pytest.raises(T.UserError, match="has vocab 1024 but VOCAB_SIZE=8192"):
         T.byte_luts(hp, torch.device("cpu"))
+    with pytest.raises(TypeError, match="read-only"):  # resolved once: nothing downstream can change it
+        hp["VOCAB_SIZE"] = 1024
 
 
 def test_frontier_without_its_data_names_the_download_command(tmp_path):

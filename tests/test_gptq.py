@@ -92,12 +92,12 @@ def test_sdclip_scale_is_k_row_stds_and_larger_k_means_fewer_bytes():
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1] * 1.5
     hp = T.parse_hparams({"QUANT_SCALE": "sdclip", "SDCLIP_K": "11", "SDCLIP_K_EMBED": "17"})
     assert T.quant_spec(hp, 6) == ("std", [11.0]) and T.quant_spec(hp, 8) == ("std", [17.0])
-    assert T.quant_spec(T.parse_hparams({}), 6) == ("amax", CLIPS)
+    assert T.quant_spec(T.resolve_config({}), 6) == ("amax", CLIPS)
 
 
 def test_int5_fallback_reruns_gptq_at_five_bits():
     hp, model, _, _ = budget_case()
-    hp = dict(hp, QUANT_METHOD="gptq")
+    hp = T.Config(hp | {"QUANT_METHOD": "gptq"})
     g = torch.Generator().manual_seed(4)
     hs = {}
     for name, p in model.state_dict().items():
@@ -110,10 +110,11 @@ def test_int5_fallback_reruns_gptq_at_five_bits():
     ones_zeroed = [dict(e, q=torch.where(e["q"].abs() == 1, 0, e["q"])) if e.get("scheme") == "int6" else e for e in entries]
     all5 = [dict(e, **T.quant_fields(originals[e["name"]], 5, hp, hs[e["name"]])) if e.get("scheme") == "int6" else e
             for e in entries]
-    floor_ones, floor5 = (len(T.pack_artifact(x, model.hp)) for x in (ones_zeroed, all5))
+    floor_ones, floor5 = (len(T.pack_artifact(x, model.stored_config())) for x in (ones_zeroed, all5))
     assert floor5 < floor_ones
     lines = []
-    blob = T.fit_budget(entries, originals, model.hp, 100, (floor5 + floor_ones) // 2 + 100, lines.append, hp, hs)
+    blob = T.fit_budget(entries, originals, model.stored_config(), hp, code_bytes=100, limit=(floor5 + floor_ones) // 2 + 100,
+                        log=lines.append, hessians=hs)
     moved = lines[0].split(" bytes_before:")[0].split()[-1].split(",")
     _, back = T.unpack_artifact(blob)
     got = {e["name"]: e for e in back}
@@ -128,7 +129,7 @@ def test_calibration_collects_the_inputs_of_every_quantized_matrix(sample_data):
     torch.manual_seed(0)
     model = T.GPT(hp)
     loader = T.DistributedTokenLoader(T.shard_files(hp, "train"), 0, 1, torch.device("cpu"))
-    H, batches, ms = T.collect_hessians(model, hp, loader, 1, torch.device("cpu"), None)
+    H, batches, ms = T.collect_hessians(T.Context(), model, hp, loader, None)
     assert batches == 2 and ms > 0
     assert loader.stream.pos == 2 * hp["TRAIN_BATCH_TOKENS"], "it reads the next training batches, nothing else"
     expect = {n for n, p in model.state_dict().items() if n in T.quant_bits(model) and p.numel() > hp["QUANT_MIN_NUMEL"]}
@@ -148,7 +149,7 @@ def test_calibration_stops_after_one_batch_when_no_time_is_left(budget, want, sa
     hp = T.parse_hparams({"SMOKE": "1", "GPTQ_CALIB_BATCHES": "3"})
     model = T.GPT(hp)
     loader = T.DistributedTokenLoader(T.shard_files(hp, "train"), 0, 1, torch.device("cpu"))
-    _, batches, _ = T.collect_hessians(model, hp, loader, 1, torch.device("cpu"), budget)
+    _, batches, _ = T.collect_hessians(T.Context(), model, hp, loader, budget)
     assert batches == want
 
 

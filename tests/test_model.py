@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import train_gpt as T
 
-RECORD_PARAMS = 26_993_756  # the public 1.1233 record's count (DESIGN §4)
+RECORD_PARAMS = 26_993_756  # the public 1.1233 record's count (from its log)
 FRONTIER_PARAMS = 35_943_512  # the public 1.0835 record's (2026-04-06, sp8192)
 
 

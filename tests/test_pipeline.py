@@ -82,9 +82,8 @@ def test_two_processes_give_bit_identical_hessians_with_several_slots_per_rank(s
 
 # ---------------------------------------------------------------- artifact
 def tiny_hp(**kw):
-    hp = T.parse_hparams({"SMOKE": "1"})
-    hp.update(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, QUANT_MIN_NUMEL=1000, **kw)
-    return hp
+    return T.Config(T.parse_hparams({"SMOKE": "1"}) | dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1,
+                                                         QUANT_MIN_NUMEL=1000, **kw))
 
 
 def tiny_artifact():
@@ -95,13 +94,13 @@ def tiny_artifact():
             p.normal_(0, 0.05)
         model.blocks[0].mlp.fc.weight[3].zero_()  # one all-zero row must stay finite
     entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), tiny_hp())
-    return model, entries, T.pack_artifact(entries, model.hp)
+    return model, entries, T.pack_artifact(entries, model.stored_config())
 
 
 def test_artifact_round_trip_restores_dequantized_tensors_exactly():
     model, entries, blob = tiny_artifact()
     meta, back = T.unpack_artifact(blob)
-    assert meta["config"] == model.hp
+    assert meta["config"] == model.stored_config()
     want, got = T.dequantize(entries), T.dequantize(back)
     assert want.keys() == got.keys() == model.state_dict().keys()
     for k in want:

@@ -9,10 +9,8 @@ from conftest import run_script
 
 
 def small_hp(**kw):
-    h = T.parse_hparams({"SMOKE": "1"})
-    h.update(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, VE_DIM=16,
-             QUANT_MIN_NUMEL=1000, **kw)
-    return h
+    return T.Config(T.parse_hparams({"SMOKE": "1"}) | dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1,
+                    BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, VE_DIM=16, QUANT_MIN_NUMEL=1000, **kw))
 
 
 def randomized(model):
@@ -56,12 +54,12 @@ def test_qat_switch_under_torch_compile_takes_effect_without_recompiling():
         before = compiled(ids, ids, per_token=True)
         torch.testing.assert_close(before, float_ref(ids, ids, per_token=True), atol=2e-5, rtol=1e-5)
         n = frames["n"]
-        model.qat_switch(True)
+        model.switch(qat=True)
         after = compiled(ids, ids, per_token=True)
         assert frames["n"] == n, "flipping QAT recompiled the model"
         torch.testing.assert_close(after, quant_ref(ids, ids, per_token=True), atol=2e-5, rtol=1e-5)
         assert (after - before).abs().max() > 1e-4  # the fake-quantization really ran
-        model.qat_switch(False)
+        model.switch(qat=False)
         torch.testing.assert_close(compiled(ids, ids, per_token=True), before)
     assert frames["n"] == n
 
@@ -109,13 +107,12 @@ def test_qat_from_start_matches_roundtrip(sample_data, monkeypatch, tmp_path):
         monkeypatch.delenv(k, raising=False)
     r = T.main()
     assert r["qat_enabled"]
-    hp = T.parse_hparams()
+    hp = T.resolve_config()
     model = r["model"]
     model.set_qat(hp)
-    model.qat_switch(True)
-    val, _ = T.load_validation(hp)
-    luts = T.byte_luts(hp, torch.device("cpu"))
-    _, bpb, _ = T.evaluate(T.eval_forward(model, False), val, luts, 128, 128, 32, 0, 1)
+    model.switch(qat=True)
+    val = T.load_validation(hp, torch.device("cpu"))
+    _, bpb, _ = T.evaluate(T.Context(), T.eval_forward(model, False), val, 128, 128, 32)
     assert abs(bpb - r["roundtrip_bpb"]) < 1e-4, (bpb, r["roundtrip_bpb"], r["pre_quant_bpb"])
     assert "late_qat:enabled step:0" in (tmp_path / "qat.txt").read_text()
 
@@ -148,7 +145,7 @@ def budget_case():
 
 def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
     hp, model, entries, originals = budget_case()
-    cl, cfg = T.clips(hp), model.hp
+    cl, cfg = hp.clips, model.stored_config()
     natural = len(T.pack_artifact(entries, cfg))
     ones_zeroed = [dict(e, q=torch.where(e["q"].abs() == 1, 0, e["q"])) if e.get("scheme") == "int6" else e for e in entries]
     int5 = {e["name"]: T.quantize_rows(originals[e["name"]], 5, cl) for e in entries if e.get("scheme") == "int6"}
@@ -157,7 +154,7 @@ def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
     assert floor5 < floor_ones < natural
     limit = (floor5 + floor_ones) // 2 + 100  # 100 code bytes
     lines = []
-    blob = T.fit_budget(entries, originals, cfg, 100, limit, lines.append, hp)
+    blob = T.fit_budget(entries, originals, cfg, hp, code_bytes=100, limit=limit, log=lines.append)
     assert len(blob) + 100 <= limit
     assert len(lines) == 1 and lines[0].startswith("budget_fit: moved ") and "to int5" in lines[0], lines
     moved = lines[0].split(" bytes_before:")[0].split()[-1].split(",")
@@ -177,21 +174,21 @@ def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
     fewer = [dict(e, q=int5[e["name"]][0], scale=int5[e["name"]][1]) if e["name"] in order[:len(moved) - 1] else e
              for e in entries]
     assert len(T.pack_artifact(fewer, cfg)) + 100 > limit, "one matrix fewer must not fit (the fewest are moved)"
-    assert blob == T.fit_budget(entries, originals, cfg, 100, limit, lambda m: None, hp), "deterministic"
+    assert blob == T.fit_budget(entries, originals, cfg, hp, code_bytes=100, limit=limit, log=print), "deterministic"
     with pytest.raises(T.UserError, match=r"even with all \d+ int6 matrices in int5"):
-        T.fit_budget(entries, originals, cfg, 100, floor5 - 1000, lambda m: None, hp)
+        T.fit_budget(entries, originals, cfg, hp, code_bytes=100, limit=floor5 - 1000, log=print)
 
 
 @pytest.mark.parametrize("fp16", [0, 1])
 def test_embed_fp16_ships_the_tied_embedding_unrounded_and_leaves_it_out_of_qat(fp16, tmp_path):
     hp = small_hp(EMBED_FP16=fp16)
-    model = randomized(T.GPT(hp))
+    model = randomized(T.GPT(hp, embed_bits=16 if fp16 else 8))
     model.set_qat(hp)
     assert (model.tok_emb.qspec is None) == bool(fp16) and model.ve.qspec is not None
     entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
     e = next(e for e in entries if e["name"] == "tok_emb.weight")
     w = model.tok_emb.weight.detach()
-    (tmp_path / "a.ptz").write_bytes(T.pack_artifact(entries, model.hp))
+    (tmp_path / "a.ptz").write_bytes(T.pack_artifact(entries, model.stored_config()))
     rt, _, _ = T.load_artifact_model(str(tmp_path / "a.ptz"), torch.device("cpu"))  # what the round trip scores
     got = rt.tok_emb.weight.detach()
     if fp16:

@@ -140,7 +140,7 @@ def checkpoint(sample_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     hp = T.parse_hparams({k: str(v) for k, v in TINY.items()} | {"SMOKE": "1"})
     model = T.GPT(hp)
-    opts = T.build_optimizers(model, hp, 0, 1)
+    opts = T.build_optimizers(model, hp, T.Context())
     files = T.shard_files(hp, "train")
     loader = T.DistributedTokenLoader(files, 0, 1, torch.device("cpu"))
     for _ in range(2):
@@ -151,8 +151,9 @@ def checkpoint(sample_data, tmp_path_factory):
             opt.zero_grad()
     ema = [p.detach().clone() for p in model.parameters()]
     lines = []
-    T.save_checkpoint(str(tmp / "run.ckpt"), T.checkpoint_config(hp, files), model, opts, ema, loader, 2, 123.0,
-                      dict(qat=True, forecast=False), lines.append, 0, 1)
+    model.switch(qat=True, loops=0)
+    T.save_checkpoint(T.Context(log=lines.append), str(tmp / "run.ckpt"), T.checkpoint_config(hp, files),
+                      T.TrainState(model, opts, ema, loader, step=2, elapsed_ms=123.0))
     assert len(lines) == 1 and lines[0].startswith("checkpoint: step:2 ")
     return hp, files, tmp / "run.ckpt", model, opts, loader
 
@@ -161,11 +162,13 @@ def test_checkpoint_round_trip_restores_the_whole_state(checkpoint):
     hp, files, path, model, opts, loader = checkpoint
     ck = T.load_checkpoint(str(path), T.checkpoint_config(hp, files))
     fresh = T.GPT(hp)
-    fopts = T.build_optimizers(fresh, hp, 0, 1)
+    fopts = T.build_optimizers(fresh, hp, T.Context())
     floader = T.DistributedTokenLoader(files, 0, 1, torch.device("cpu"))
     ema = [torch.zeros_like(p) for p in fresh.parameters()]
-    step, ms, switches = T.restore_checkpoint(ck, fresh, fopts, ema, floader)
-    assert (step, ms, switches) == (2, 123.0, dict(qat=True, forecast=False))
+    ts = T.TrainState(fresh, fopts, ema, floader)
+    T.restore_checkpoint(ck, ts)
+    assert (ts.step, ts.elapsed_ms, fresh.sw) == (2, 123.0, T.Switches(qat=True))
+    assert all(m.qat.item() for _, m in fresh.linears())  # the QAT flag reached every matrix
     for (k, a), b, e in zip(model.state_dict().items(), fresh.state_dict().values(), ema):
         assert torch.equal(a, b) and torch.equal(a, e), k
     for p, q in zip(opts[0].param_groups[0]["params"], fopts[0].param_groups[0]["params"]):

@@ -1,4 +1,4 @@
-"""Issue 14: document-aware attention (DOC_MASK) and legal score-first test-time training (TTT=chunk)."""
+"""Document-aware attention (DOC_MASK) and legal score-first test-time training (TTT=chunk, TTT=doc)."""
 import pytest
 import torch
 
@@ -17,7 +17,12 @@ def noisy_model(hp, seed=0):
 
 @pytest.fixture(scope="module")
 def val(sample_data):
-    return T.load_validation(T.parse_hparams({"SMOKE": "1"}))[0]
+    return T.load_validation(T.resolve_config({"SMOKE": "1"}), torch.device("cpu")).tokens
+
+
+def V(tokens, luts):
+    """Tokens and byte tables as the Validation record the scorers take."""
+    return T.Validation(tokens, luts, len(tokens))
 
 
 def assert_causal(scores, v, ref, positions, seed):
@@ -56,22 +61,20 @@ def test_doc_mask_equals_each_document_alone(val):
 def ttt_hp(**kw):
     env = {"SMOKE": "1", "TTT": "chunk", "TTT_CHUNK_TOKENS": "256", "TTT_LR": "0.05", "TTT_EPOCHS": "2",
            "EVAL_BATCH_SEQS": "4"} | {k: str(v) for k, v in kw.items()}
-    hp = T.parse_hparams(env)
-    T.check_hparams(hp, 1)
-    return hp
+    return T.resolve_config(env)
 
 
 def ttt_scores(hp, val, luts):
     """Per-target scores (index = target position) of TTT=chunk on a fresh copy of the same noisy model."""
     model = noisy_model(hp)
     out = torch.full((len(val),), float("nan"), dtype=torch.float64)
-    res = T.ttt_chunk(hp, model, T.eval_forward(model, False), val, luts, 0, 1, out=out)
+    res = T.ttt_chunk(hp, T.Context(), model, T.eval_forward(model, False), V(val, luts), out=out)
     return out, res
 
 
 @pytest.fixture(scope="module")
 def luts(sample_data):
-    return T.byte_luts(T.parse_hparams({"SMOKE": "1"}), torch.device("cpu"))
+    return T.byte_luts(T.resolve_config({"SMOKE": "1"}), torch.device("cpu"))
 
 
 def test_ttt_score_depends_only_on_earlier_tokens(val, luts):
@@ -79,7 +82,7 @@ def test_ttt_score_depends_only_on_earlier_tokens(val, luts):
     hp, v = ttt_hp(), val[:1400]
     ref, (loss, _, n) = ttt_scores(hp, v, luts)
     assert n == len(v) - 1 and not ref[1:].isnan().any() and ref[0].isnan()
-    sliding = T.evaluate(T.eval_forward(noisy_model(hp), False), v, luts, 128, 32, 4, 0, 1)
+    sliding = T.evaluate(T.Context(), T.eval_forward(noisy_model(hp), False), V(v, luts), 128, 32, 4)
     assert loss < sliding[0] - 1e-3  # training on scored chunks helps (and so can leak, if it were illegal)
     bos = int(next(i for i in range(600, 1400) if v[i] == T.BOS_ID))
     # inside a chunk, a chunk's last/first target, a document's edge
@@ -93,19 +96,19 @@ def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts
     out = torch.full((len(v),), float("nan"), dtype=torch.float64)
     calls, grad = [], T.ttt_grad
 
-    def spy(model, val, a, b, *args):
+    def spy(ctx, model, val, a, b, *args):
         assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()  # scored, and nothing after yet
         calls.append((a, b))
-        return grad(model, val, a, b, *args)
+        return grad(ctx, model, val, a, b, *args)
     monkeypatch.setattr(T, "ttt_grad", spy)
     model = noisy_model(hp)
-    T.ttt_chunk(hp, model, T.eval_forward(model, False), v, luts, 0, 1, out=out)
+    T.ttt_chunk(hp, T.Context(), model, T.eval_forward(model, False), V(v, luts), out=out)
     assert calls == [(max(c * 256, 1), c * 256 + 255) for c in range(5) for _ in range(2)]  # chunk 5 (1280..1399) never
     model = noisy_model(hp)
     for a, b in ((1, 255), (256, 511), (300, 330)):
         grads = []
         for w in (v, torch.cat((torch.randint(2, 1024, (a - 1,)), v[a - 1:b + 1], torch.randint(2, 1024, (len(v) - b - 1,))))):
-            grad(model, w.to(v.dtype), a, b, 128, 4, 0, 1)
+            grad(T.Context(), model, w.to(v.dtype), a, b, 128, 4)
             grads.append([p.grad.clone() for p in model.parameters()])
         assert all(torch.equal(x, y) for x, y in zip(*grads))
         model.zero_grad()
@@ -123,7 +126,7 @@ def doc_hp(**kw):
 def doc_scores(hp, val, luts):
     model = noisy_model(hp)
     out = torch.full((len(val),), float("nan"), dtype=torch.float64)
-    return out, T.ttt_doc(hp, model, val, luts, 0, 1, out=out)
+    return out, T.ttt_doc(hp, T.Context(), model, V(val, luts), out=out)
 
 
 @pytest.mark.parametrize("doc_mask", [0, 1])
@@ -140,7 +143,7 @@ def test_doc_ttt_score_depends_only_on_earlier_tokens_of_its_document(val, luts,
             e = min(s0 + 16, end)
             alone = plain(v[None, s0:e].long(), v[None, s0 + 1:e + 1].long(), per_token=True)[0].double()
             torch.testing.assert_close(ref[s0 + 1:e + 1], alone, rtol=0, atol=1e-5)
-    frozen, _ = doc_scores(hp | {"TTT_LORA_LR": 1e-12}, v, luts)
+    frozen, _ = doc_scores(T.Config(hp | {"TTT_LORA_LR": 1e-12}), v, luts)
     assert ref[1:].sum() < frozen[1:].sum() - 1  # the adapters learn within each document
     long_doc = max(zip(bos, bos[1:]), key=lambda d: d[1] - d[0])[0]
     assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref,
@@ -165,12 +168,12 @@ def test_doc_phases_train_the_base_only_on_scored_phases(val, luts, monkeypatch)
     hp, v = doc_hp(TTT_DOC_PHASES=3), val[:900]
     out, calls, grad = torch.full((len(v),), float("nan"), dtype=torch.float64), [], T.ttt_grad
 
-    def spy(model, w, a, b, *args):
+    def spy(ctx, model, w, a, b, *args):
         assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()
         calls.append((a, b))
-        return grad(model, w, a, b, *args)
+        return grad(ctx, model, w, a, b, *args)
     monkeypatch.setattr(T, "ttt_grad", spy)
-    T.ttt_doc(hp, noisy_model(hp), v, luts, 0, 1, out=out)
+    T.ttt_doc(hp, T.Context(), noisy_model(hp), V(v, luts), out=out)
     monkeypatch.setattr(T, "ttt_grad", grad)
     bos = [0] + [i for i in range(1, len(v) - 1) if v[i] == T.BOS_ID]
     ends = [next(b for b in bos if b >= cut) for cut in (300, 600)]  # each phase ends with its last document's end
@@ -186,7 +189,7 @@ def test_doc_phases_train_the_base_only_on_scored_phases(val, luts, monkeypatch)
 def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monkeypatch):
     """Every target scored exactly once for any world size, document batch and phase count, and each target's score
     is the same bits whichever rank and batch mates it gets (no row leaks into another)."""
-    monkeypatch.setattr(T, "metrics", lambda sums, world: sums)  # this rank's sums, not all-reduced
+    monkeypatch.setattr(T, "metrics", lambda ctx, sums: sums)  # this rank's sums, not all-reduced
     monkeypatch.setattr(T, "ttt_sgd", lambda *a: None)  # phases: ranks simulated one after another cannot all-reduce
     v, res, ref = val[:700], [], None
     for world, batch, phases in ((1, 4, 1), (2, 4, 1), (3, 4, 1), (2, 3, 1), (3, 32, 1), (1, 4, 3), (2, 3, 2)):
@@ -194,7 +197,7 @@ def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monk
         scores = torch.zeros(len(v), dtype=torch.float64)
         for r in range(world):
             out = torch.full((len(v),), float("nan"), dtype=torch.float64)
-            total = total + T.ttt_doc(hp, noisy_model(hp), v, luts, r, world, out=out)
+            total = total + T.ttt_doc(hp, T.Context(r, world), noisy_model(hp), V(v, luts), out=out)
             covered += ~out.isnan()
             scores += out.nan_to_num()
         assert total[2] == len(v) - 1 and covered[1:].eq(1).all() and covered[0] == 0
@@ -207,7 +210,7 @@ def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monk
 
 def test_doc_chunk_longer_than_the_window_is_refused(val, luts):
     with pytest.raises(T.UserError, match="TTT_DOC_CHUNK=200 must be at most the evaluation window 128"):
-        T.ttt_doc(doc_hp(TTT_DOC_CHUNK=200), noisy_model(doc_hp()), val[:500], luts, 0, 1)
+        T.ttt_doc(doc_hp(TTT_DOC_CHUNK=200), T.Context(), noisy_model(doc_hp()), V(val[:500], luts))
 
 
 def counting_forward(x, y):
@@ -227,7 +230,8 @@ def test_chunks_score_each_target_once_in_its_own_chunk(n, L, stride, C):
             for c, win in enumerate(chunks):
                 out = torch.zeros(n, dtype=torch.float64)
                 for r in range(world):
-                    total += T.eval_sums(counting_forward, val, luts, L, stride, batch, r, world, windows=win, out=out)
+                    total += T.eval_sums(T.Context(r, world), counting_forward, V(val, luts), L, stride, batch, windows=win,
+                                         out=out)
                 a, b = max(c * C, 1), min((c + 1) * C - 1, n - 1)
                 assert out.nonzero().flatten().tolist() == list(range(a, b + 1)), (c, world, batch)
             assert total.tolist() == [sum(range(1, n)), n - 1, n - 1], (world, batch)
