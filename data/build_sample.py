@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from data import prepare_text  # noqa: E402
-from train_gpt import UserError  # noqa: E402
+from data.common import UserError, run_main  # noqa: E402
 
 NAME, VOCAB, SEED = "stdlib", 1024, 1337
 VAL_CHARS = 360_000
@@ -114,17 +114,18 @@ def ensure_sample(root: str | Path = REPO_ROOT, force: bool = False, progress: b
     return data_path, tok_path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--force", action="store_true", help="rebuild even if valid outputs exist")
     p.add_argument("--root", default=str(REPO_ROOT), help="repository root whose data/ receives the outputs (default: this repo)")
     args = p.parse_args(argv)
-    try:
-        ensure_sample(args.root, force=args.force, progress=True)
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    ensure_sample(args.root, force=args.force, progress=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit status 0, 1 with one `error: ...` line on stderr, or 130 on Ctrl-C."""
+    return run_main(_main, argv, interrupted="interrupted; nothing was replaced")
 
 
 if __name__ == "__main__":

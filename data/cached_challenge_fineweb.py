@@ -13,8 +13,8 @@ writes data/datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin (all va
 first N training shards), the tokenizer files into data/tokenizers/, and the repository's manifest.json
 into data/datasets/. Files are fetched over plain HTTPS into <name>.part (an interrupted download
 resumes there with an HTTP Range request on the next try or rerun) and renamed once complete; files
-already present are skipped after a size check. Every shard's header and size are checked with
-train_gpt.read_shard_header and its token count against the manifest.
+already present are skipped after a size check. Every shard's header and size are checked (the reader of
+data/common.py, which gives the same answers as train_gpt.py's) and its token count against the manifest.
 
 Environment: HF_ENDPOINT (default https://huggingface.co), PG_DATA_REPO (default for --repo), PG_DATA_ROOT
 (folder in the repository, default "datasets"), PG_DATA_REVISION (default main).
@@ -46,8 +46,7 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-import train_gpt  # noqa: E402  (read_shard_header, UserError)
-from train_gpt import UserError  # noqa: E402
+from data.common import SHARD_HEADER_INTS, UserError, read_shard_header, run_main, write_atomic  # noqa: E402
 
 DATASET_PREFIX = "fineweb10B_"
 DEFAULT_REPO = "willdepueoai/parameter-golf"
@@ -221,7 +220,7 @@ def _fetch_into(url: str, part: Path, offset: int, item: Item, total: tqdm) -> N
 
 def verify_shard(path: Path, item: Item) -> None:
     try:
-        n = train_gpt.read_shard_header(str(path))
+        n = read_shard_header(path)
     except UserError as e:
         raise UserError(f"{item.rel}: refused, {e}") from None
     if item.tokens is not None and n != item.tokens:
@@ -270,7 +269,7 @@ def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool, data_
     for split, n_files, count in (("val", n_val, n_val), ("train", n_train, train_shards)):
         for i in range(count):
             tokens = _shard_tokens(i, n_files, stats.get(f"tokens_{split}"), shard_size)
-            size = None if tokens is None else 4 * train_gpt.SHARD_HEADER_INTS + 2 * tokens
+            size = None if tokens is None else 4 * SHARD_HEADER_INTS + 2 * tokens
             rel = f"datasets/{name}/fineweb_{split}_{i:06d}.bin"
             items.append(Item(rel, data_dir / "datasets" / name / Path(rel).name, size, tokens, shard=True))
     items += [Item(f, data_dir / "tokenizers" / Path(f).name) for f in tok_files]
@@ -290,9 +289,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{remote.url('manifest.json')} is not valid JSON") from None
     items = plan(manifest, args.variant, args.train_shards, args.with_docs, data_dir, remote.repo)
     (data_dir / "datasets").mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / "datasets" / ".manifest.json.tmp"
-    tmp.write_bytes(raw)
-    os.replace(tmp, data_dir / "datasets" / "manifest.json")
+    write_atomic(data_dir / "datasets" / "manifest.json", raw, what="manifest")
 
     known = sum(it.size for it in items if it.size is not None)
     fetched = 0
@@ -359,19 +356,9 @@ def _positive(s: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # local disk problems (permissions, disk full)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; rerun to resume", file=sys.stderr)
-        return 130
-    return 0
+    """The command line: exit status 0, 1 with one `error: ...` line on stderr (network problems, refused files, local
+    disk problems such as permissions or a full disk), or 130 on Ctrl-C."""
+    return run_main(lambda a: run(build_parser().parse_args(a)), argv, interrupted="interrupted; rerun to resume")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Inputs (files or directories, read in the order given; directories recursively, 
   documents are skipped. Hidden files and unknown extensions inside directories are ignored.
 
 Output in --out DIR: <prefix>_val_000000.bin, ..., <prefix>_train_000000.bin, ... (the shard format that
-train_gpt.py reads: 256 int32 header + uint16 tokens; every document is BOS (id 1) + its tokens, no EOS;
+train_gpt.py reads, see data/common.py: 256 int32 header + uint16 tokens; every document is BOS (id 1) + its tokens, no EOS;
 the first --val-docs documents go to validation), manifest.json with the counts and the tokenizer's
 sha256, and, when a tokenizer is trained, DIR/tokenizer.model + .vocab (or --tokenizer-out).
 The tokenizer is trained on training documents only, single-threaded with a fixed seed: reruns on
@@ -40,14 +40,13 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-import train_gpt  # noqa: E402  (shard format constants, the shard reader, UserError)
-from train_gpt import UserError  # noqa: E402
+from data.common import (BOS_ID, SHARD_MAGIC, SHARD_VERSION, UserError, read_shard_header, run_main,  # noqa: E402
+                         write_atomic, write_shard)
 
-BOS_ID = 1
 MAX_VOCAB = 1 << 16  # token ids are stored as uint16
-# Settings of the published challenge tokenizer (shared/tokenizers/README.md); byte_fallback is an option.
+# The settings the published challenge tokenizers were trained with; byte_fallback is an option.
 SP_SETTINGS = dict(model_type="bpe", character_coverage=0.999, normalization_rule_name="nmt_nfkc",
-                   add_dummy_prefix=False, split_digits=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3)
+                   add_dummy_prefix=False, split_digits=True, pad_id=0, bos_id=BOS_ID, eos_id=2, unk_id=3)
 SP_SEED = 1337
 TEXT_EXT = (".txt", ".text", ".md", ".rst")
 JSONL_EXT = (".jsonl", ".ndjson", ".json")
@@ -122,24 +121,7 @@ def iter_documents(files: Iterable[Path], text_docs: str = "blank-line", text_fi
             raise UserError(f"{path}: cannot read: {e}") from None
 
 
-# ----------------------------------------------------------------------------- shards
-def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """Write one shard (header + little-endian uint16 tokens) atomically."""
-    tokens = np.asarray(tokens)
-    if tokens.dtype != np.uint16:
-        raise ValueError(f"shard tokens must be uint16, got {tokens.dtype}")
-    if len(tokens) >= 1 << 31:
-        raise ValueError("too many tokens for one shard (header holds an int32)")
-    header = np.zeros(train_gpt.SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, len(tokens)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------- shards (written by data.common.write_shard)
 class ShardWriter:
     """Cuts a split's token stream into shards of `shard_tokens` tokens (the last one shorter)."""
 
@@ -354,8 +336,8 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         (out_dir / "manifest.json").unlink(missing_ok=True)
         if tokenizer is None:
             tok_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(tok_path.with_suffix(".vocab"), vocab_text(model).encode())
-            atomic_write(tok_path, model)
+            write_atomic(tok_path.with_suffix(".vocab"), vocab_text(model), what="tokenizer vocabulary")
+            write_atomic(tok_path, model, what="tokenizer")
         for old in itertools.chain(out_dir.glob(f"{prefix}_train_*.bin"), out_dir.glob(f"{prefix}_val_*.bin")):
             old.unlink()
         for f in sorted(stage.iterdir()):
@@ -364,8 +346,8 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         shutil.rmtree(stage, ignore_errors=True)
 
     manifest = {
-        "format": "parameter-golf shards: 256 x int32 header (magic 20240520, version 1, token count), then uint16 "
-                  "tokens; each document is BOS (1) + its tokens, no EOS",
+        "format": f"parameter-golf shards: 256 x int32 header (magic {SHARD_MAGIC}, version {SHARD_VERSION}, token "
+                  f"count), then uint16 tokens; each document is BOS ({BOS_ID}) + its tokens, no EOS",
         "prefix": prefix,
         "inputs": list(inputs or []),
         "tokenizer": {"model": os.path.relpath(tok_path, out_dir), "sha256": hashlib.sha256(model).hexdigest(),
@@ -376,7 +358,7 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         **counts,
         "shards": writer.shards,
     }
-    atomic_write(out_dir / "manifest.json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", what="manifest")
     log(progress, f"{out_dir}: {counts['docs']['train']:,} train docs / {counts['tokens']['train']:,} tokens in "
                   f"{len(writer.shards['train'])} shard(s), {counts['docs']['val']:,} val docs / "
                   f"{counts['tokens']['val']:,} tokens in {len(writer.shards['val'])} shard(s); tokenizer {tok_path} "
@@ -396,18 +378,12 @@ def verify_dataset(out_dir: str | Path) -> dict:
     if not tok.is_file() or sha256_file(tok) != manifest["tokenizer"]["sha256"]:
         raise UserError(f"{out_dir}: tokenizer {tok} is missing or differs from the one the shards were built with")
     for s, path in shards:
-        if train_gpt.read_shard_header(str(path)) != s["tokens"]:
+        if read_shard_header(path) != s["tokens"]:
             raise UserError(f"{path}: token count differs from manifest.json")
     return manifest
 
 
 # ----------------------------------------------------------------------------- helpers and CLI
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -441,26 +417,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.tokenizer and (args.tokenizer_out or args.byte_fallback):
         parser.error("--tokenizer-out and --byte-fallback apply only when training a tokenizer (not with --tokenizer)")
-    try:
-        files = list_inputs(args.inputs)
-        out = Path(args.out)
-        build_dataset(lambda: iter_documents(files, args.text_docs, args.text_field), out,
-                      prefix=args.prefix or out.resolve().name.split("_")[0], tokenizer=args.tokenizer,
-                      vocab_size=args.vocab_size, tokenizer_out=args.tokenizer_out, byte_fallback=args.byte_fallback,
-                      val_docs=args.val_docs, shard_tokens=args.shard_tokens, train_chars=args.train_chars,
-                      workers=args.workers, inputs=[str(f) for f in files], progress=not args.quiet)
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing was replaced", file=sys.stderr)
-        return 130
+    files = list_inputs(args.inputs)
+    out = Path(args.out)
+    build_dataset(lambda: iter_documents(files, args.text_docs, args.text_field), out,
+                  prefix=args.prefix or out.resolve().name.split("_")[0], tokenizer=args.tokenizer,
+                  vocab_size=args.vocab_size, tokenizer_out=args.tokenizer_out, byte_fallback=args.byte_fallback,
+                  val_docs=args.val_docs, shard_tokens=args.shard_tokens, train_chars=args.train_chars,
+                  workers=args.workers, inputs=[str(f) for f in files], progress=not args.quiet)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit status 0, 1 with one `error: ...` line on stderr, or 130 on Ctrl-C."""
+    return run_main(_main, argv, interrupted="interrupted; nothing was replaced")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import zipfile
 import pytest
 
 from conftest import ROOT
+from data.common import UserError
 
 SCRIPT = ROOT / "tools" / "gpu_check.py"
 spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
@@ -156,6 +157,30 @@ def test_cuda_style_log_is_parsed_and_checked(recompile):
     assert G.analyze("record", child, p2, {}, False, hp_defaults, {})["checks"]["full_size_record_config"] is False
 
 
+def test_log_file_is_read_through_the_shared_parser(tmp_path):
+    """A run's log file (code block, then the lines) and its console give the same facts; a missing, empty or damaged
+    log file falls back to the console lines."""
+    import hashlib
+    import train_gpt as T
+    from tools.logparse import run_log
+    body = [l for _, l in cuda_log()]
+    names = {k.lower() for k, _, _ in T.HPARAMS} | {"preset", "smoke"}
+    want = G.parse_log(body, names)
+    code = b"print('the script')\n"
+    head = T.CODE_HEAD.format(name="train_gpt.py", n=len(code), sha=hashlib.sha256(code).hexdigest())
+    log = tmp_path / "record.txt"
+    log.write_bytes(head.encode() + b"\n" + code + f"\n{T.CODE_END}\n".encode() + "\n".join(body).encode() + b"\n")
+    lg = run_log(str(log), ["console only"])
+    assert lg.code == code and G.parse_log(lg, names) == want
+    console = body[:12]
+    for content in (None, b"", log.read_bytes().replace(b"the script", b"the_script")):  # missing, empty, damaged
+        log.unlink(missing_ok=True)
+        if content is not None:
+            log.write_bytes(content)
+        lg = run_log(str(log), console)
+        assert lg.code is None and lg.lines == console and G.parse_log(lg, names) == G.parse_log(console, names)
+
+
 def test_gpu_plan_puts_late_qat_near_the_end():
     """The GPU run's WARMDOWN_ITERS makes train_gpt.py's own LR schedule cross QAT_THRESHOLD late in the run for any
     plausible one-GPU step time (checked with train_gpt.lr_multiplier itself)."""
@@ -244,7 +269,7 @@ def test_wheels_are_installed_for_the_children(tmp_path):
     finally:
         import shutil
         shutil.rmtree(site, ignore_errors=True)
-    with pytest.raises(G.CheckError, match="no \\*.whl"):
+    with pytest.raises(UserError, match="no \\*.whl"):
         G.install_wheels(tmp_path)
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT
 from tools import check_record, gpu_check, plot_log
-from tools.logparse import Log, ToolError
+from data.common import UserError
+from tools.logparse import Log
 
 FIX = ROOT / "tests" / "fixtures" / "logs"
 SEEDS = ((1337, -0.001), (42, 0.0), (2024, 0.001))  # seed, val_loss shift (nats)
@@ -355,6 +356,6 @@ def test_plot_log_draws_every_era_and_labels_repeated_names_by_folder(tmp_path, 
 
 def test_plot_log_refuses_logs_with_nothing_to_draw(tmp_path):
     (tmp_path / "a.log").write_text("hello\n")
-    with pytest.raises(ToolError, match="no step or score lines"):
+    with pytest.raises(UserError, match="no step or score lines"):
         plot_log.main([str(tmp_path / "a.log"), "-o", str(tmp_path / "a.png")])
     assert not (tmp_path / "a.png").exists()

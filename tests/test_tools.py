@@ -15,7 +15,8 @@ import pytest
 
 from conftest import ROOT, metric, run_script
 from tools import check_record, inspect_artifact, make_record, pack_code, plot_log, significance
-from tools.logparse import Log, ToolError
+from data.common import UserError
+from tools.logparse import Log
 
 TOOLS = ["make_record", "check_record", "significance", "inspect_artifact", "plot_log", "pack_code"]
 TAIL = b"\n==== end of code ====\n"
@@ -97,10 +98,10 @@ def test_logparse_reads_the_smoke_log(run, smoke):
 
 def test_log_with_two_runs_or_damaged_code_is_refused(run, tmp_path):
     (tmp_path / "two.log").write_bytes(run["raw"] + run["raw"])
-    with pytest.raises(ToolError, match="holds 2 runs"):
+    with pytest.raises(UserError, match="holds 2 runs"):
         Log(str(tmp_path / "two.log"))
     (tmp_path / "bad.log").write_bytes(run["raw"].replace(b"import", b"imp0rt", 1))
-    with pytest.raises(ToolError, match="code block is damaged"):
+    with pytest.raises(UserError, match="code block is damaged"):
         Log(str(tmp_path / "bad.log"))
 
 
@@ -131,7 +132,7 @@ def test_make_record_writes_a_folder_that_passes(record, run):
 
 def test_make_record_refuses_the_record_track_for_a_smoke_run(run, tmp_path):
     out = tmp_path / "track_10min_16mb" / "2026-01-01_Smoke"
-    with pytest.raises(ToolError, match="not written"):
+    with pytest.raises(UserError, match="not written"):
         call(make_record.main, run["log"], "--name", "Smoke", "--author", "a", "--github-id", "a", "--out", out)
     assert not out.exists() and os.listdir(out.parent) == []  # nothing half-written left behind
 
@@ -152,7 +153,7 @@ def test_make_record_refuses_inconsistent_logs(run, tmp_path, case, message):
                        "unfinished": lambda: raw[:cut],
                        "upstream": lambda: raw.split(TAIL, 1)[1]}[case]())
     logs = [run["log"], other] if case not in ("unfinished", "upstream") else [other]
-    with pytest.raises(ToolError, match=re.escape(message)):
+    with pytest.raises(UserError, match=re.escape(message)):
         call(make_record.main, *logs, "--name", "x", "--author", "a", "--github-id", "a", "--out", tmp_path / "2026-01-01_x")
     assert not (tmp_path / "2026-01-01_x").exists()
 
@@ -301,7 +302,7 @@ def test_significance_single_old_run_is_a_one_sample_test():
     r = significance.welch(new, 1.92, 0.0, 1)
     t = (1.92 - statistics.mean(new) - 0.005) / (statistics.stdev(new) / 2)
     assert r["t"] == pytest.approx(t) and r["df"] == pytest.approx(3)
-    with pytest.raises(ToolError, match="at least 2 new runs"):
+    with pytest.raises(UserError, match="at least 2 new runs"):
         significance.welch([1.9], 1.92, 0.01, 3)
 
 
@@ -421,7 +422,7 @@ def test_record_track_time_rule(run, tmp_path, train_ms, ok):
         res = dict((r, (k, d)) for k, r, d in check_record.check(str(out))[0])
         assert res["train time"][0] and res["hardware"][0] and res["eval time"][0] and "full validation split" in res["eval time"][1]
     else:
-        with pytest.raises(ToolError, match="not written"):
+        with pytest.raises(UserError, match="not written"):
             call(make_record.main, *logs, "--name", "Timed", "--author", "a", "--github-id", "a", "--out", out)
         assert not out.exists()
 

@@ -35,7 +35,8 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.logparse import LIMIT, RECORD_SECONDS, TRACKS, Log, ToolError, cli, config_diff, mean_std, unique_logs  # noqa: E402
+from data.common import UserError, cli  # noqa: E402
+from tools.logparse import CODE_HEAD_PREFIX, LIMIT, RECORD_SECONDS, TRACKS, Log, config_diff, mean_std, unique_logs  # noqa: E402
 from tools.pack_code import unpack  # noqa: E402
 from tools.significance import read_side, units, welch  # noqa: E402
 
@@ -45,7 +46,7 @@ OPTIONAL = dict(blurb=str, date=str, val_loss=float, bytes_total=int, bytes_code
 CODE_KEYS = ("bytes_code", "code_bytes")  # submission.json spellings of the code size
 MIN_SEEDS = 3  # record track
 OVERSHOOT_STEPS = 2  # record track: the step in flight at the cap, and the one a check after the step lets through
-_LOGLIKE = re.compile(rb"==== code: |^(?:step:\s?)?\d+/\d+ |val_bpb[:=]", re.M)
+_LOGLIKE = re.compile(re.escape(CODE_HEAD_PREFIX.encode()) + rb"|^(?:step:\s?)?\d+/\d+ |val_bpb[:=]", re.M)
 
 
 def find_logs(folder: str) -> list[str]:
@@ -115,7 +116,7 @@ def check(folder: str, track: str | None = None, name: str | None = None, previo
     """All rules for `folder` -> ([(ok, rule, detail)], notes). `name` overrides the folder's name (staging);
     `previous` are the logs of the record to beat (record track)."""
     if not os.path.isdir(folder):
-        raise ToolError(f"{folder} is not a folder")
+        raise UserError(f"{folder} is not a folder")
     res, notes = [], []
     rule = lambda ok, r, d: res.append((bool(ok), r, d))  # noqa: E731
     p = lambda f: os.path.join(folder, f)  # noqa: E731
@@ -124,7 +125,7 @@ def check(folder: str, track: str | None = None, name: str | None = None, previo
     for path in paths:
         try:
             lg = Log(path)
-        except ToolError as e:
+        except UserError as e:
             broken.append(str(e))
             continue
         if lg.error or lg.val_bpb is None:

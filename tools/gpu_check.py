@@ -50,13 +50,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tools.logparse import Log, value  # noqa: E402  (the one log parser of the tools)
+from data.common import (LIMIT_BYTES, LIMIT_SECONDS, UserError, cli, load_data_shard, read_shard_header,  # noqa: E402
+                         write_atomic)
+from tools.logparse import Log, run_log, value  # noqa: E402  (the one log parser of the tools)
 
-FINEWEB_VAL_TOKENS = 62_021_846  # the published validation split (DESIGN.md section 2)
-COMPETITION_LIMIT = 16_000_000
-TRAIN_BUDGET_S = EVAL_BUDGET_S = 600.0
+FINEWEB_VAL_TOKENS = 62_021_846  # tokens in the published FineWeb validation split
+COMPETITION_LIMIT = LIMIT_BYTES
+TRAIN_BUDGET_S = EVAL_BUDGET_S = LIMIT_SECONDS
 N_GPUS = 8
-# Public 8xH100 figures (DESIGN.md section 4), for comparison only.
+# Published 8xH100 figures of the record and the baseline, for comparison only.
 ANCHORS = {"record": dict(step_ms_8xh100=84.6, steps_600s=7096, sliding_eval_s_8xh100=73.0, peak_mem_gib=20.9),
            "baseline": dict(step_ms_8xh100=43.5)}
 # One H100-class GPU doing the whole global batch: about 8x the public 8-GPU step time. Used only to size the
@@ -77,10 +79,6 @@ TORCH_LOG_TAGS = ("[__recompiles", "[__graph_breaks")
 RECOMPILE, GRAPH_BREAK = "Recompiling function", "Graph break in user code"
 
 
-class CheckError(Exception):
-    """A setup problem, reported as one line (exit status 2)."""
-
-
 # ----------------------------------------------------------------------------- output
 class Tee:
     def __init__(self):
@@ -97,10 +95,11 @@ say = Tee()
 
 
 # ----------------------------------------------------------------------------- log parsing
-def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
-    """The facts of one train_gpt.py run from its log lines (the part after the code block, or the console), read by
-    tools/logparse.py, the parser every tool shares. Tolerant of added fields and of lines it does not know."""
-    lg = Log.from_lines(lines)
+def parse_log(log: Log | list[str], hparam_names: set[str]) -> dict:
+    """The facts of one train_gpt.py run from its Log (or its log lines: the part after the code block, or the
+    console), read by tools/logparse.py, the parser every tool shares. Tolerant of added fields and of lines it does
+    not know."""
+    lg = log if isinstance(log, Log) else Log.from_lines(log)
 
     def last(head, *keys):
         """The numbers of the last line starting with `head` (None when there is none)."""
@@ -119,7 +118,7 @@ def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
     if "gptq_calibration" in lg.last:
         p["gptq"] = dict(last("gptq_calibration", "batches", "tokens", "seconds", "train_plus_calibration_ms", "limit_ms"),
                          quantize_seconds=(last("quantized", "seconds") or {}).get("seconds"))
-    if "warmup_steps" in lg.last and any(l.startswith("warmup_steps:") and " done" in l for l in lines):
+    if "warmup_steps" in lg.last and any(" done" in l for l in lg.lines_with("warmup_steps:")):
         p["warmup_done"] = value(lg.last["warmup_steps"]["warmup_steps"])
     if "features" in lg.last:
         p["features"] = {k: value(v) for k, v in lg.last["features"].items() if k in ("attention", "compile", "ema", "qat_threshold")}
@@ -135,31 +134,25 @@ def parse_log(lines: list[str], hparam_names: set[str]) -> dict:
                              ("ttt", "final_ttt_exact", ("protocol", "eval_seconds"))):
         if name in lg.finals:
             p[key] = dict(val_loss=lg.final(name, "val_loss"), val_bpb=lg.final(name), **last(name, *extra))
-    budget = [l for l in lines if l.startswith("budget_fit:")]
+    budget = lg.lines_with("budget_fit:")
     if budget:
-        p["budget_fit"] = budget[-1].rstrip("\n")
+        p["budget_fit"] = budget[-1]
     if "artifact" in lg.last:
         p["artifact"] = dict(bytes=lg.artifact_bytes, export_seconds=last("artifact", "export_seconds")["export_seconds"])
     if "plain" in lg.code_sizes:
         p["code_bytes"] = lg.code_sizes["plain"]
     if "total_submission_bytes" in lg.last:
         t = lg.last["total_submission_bytes"]
-        status = next(l for l in reversed(lines) if l.startswith("total_submission_bytes:")).split()[-1]
+        status = lg.lines_with("total_submission_bytes:")[-1].split()[-1]
         p["total"] = dict(bytes=lg.logged_total, limit=value(t["limit"]) if "limit" in t else None, status=status)
     if "sliding_eval" in lg.last:
         p["sliding_eval"] = last("sliding_eval", "tokens", "tokens_per_s", "full_split_tokens", "full_split_estimate_s")
     if "ttt_eval" in lg.last:
         p["ttt_eval"] = last("ttt_eval", "tokens", "tokens_per_s", "full_split_tokens", "full_split_estimate_s")
-    p["recompiles"] = sum(RECOMPILE in l for l in lines)
-    p["graph_breaks"] = sum(GRAPH_BREAK in l for l in lines)
+    p["recompiles"] = sum(RECOMPILE in l for l in lg.lines)
+    p["graph_breaks"] = sum(GRAPH_BREAK in l for l in lg.lines)
     p["hparams"] = {k: value(v) for k, v in lg.hparams.items() if k in hparam_names}
     return p
-
-
-def log_body(text: str) -> list[str]:
-    """A train_gpt.py log file without its embedded code."""
-    marker = "\n==== end of code ====\n"
-    return (text.split(marker, 1)[1] if marker in text else text).splitlines()
 
 
 # ----------------------------------------------------------------------------- environment
@@ -168,7 +161,7 @@ def install_wheels(wheel_dir: str | Path) -> Path:
     missing) and return that folder, for sys.path and the children's PYTHONPATH."""
     wheels = sorted(Path(wheel_dir).glob("*.whl"))
     if not wheels:
-        raise CheckError(f"--wheels {wheel_dir}: no *.whl files there")
+        raise UserError(f"--wheels {wheel_dir}: no *.whl files there")
     target = Path(tempfile.mkdtemp(prefix="gpu_check_site_"))
     has_pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0
     if has_pip:
@@ -177,7 +170,7 @@ def install_wheels(wheel_dir: str | Path) -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise CheckError(f"--wheels {wheel_dir}: pip could not install {', '.join(w.name for w in wheels)}: {last}")
+            raise UserError(f"--wheels {wheel_dir}: pip could not install {', '.join(w.name for w in wheels)}: {last}")
     else:
         import zipfile
         for w in wheels:
@@ -201,8 +194,8 @@ def check_packages() -> None:
             __import__(name)
         except ImportError:
             if name == "zstandard":
-                raise CheckError(missing_zstandard_message()) from None
-            raise CheckError(f"the Python package {name} is not importable by {sys.executable}; train_gpt.py needs it") from None
+                raise UserError(missing_zstandard_message()) from None
+            raise UserError(f"the Python package {name} is not importable by {sys.executable}; train_gpt.py needs it") from None
 
 
 def child_base_env(site: Path | None, dry: bool, hparam_names: set[str]) -> dict:
@@ -272,20 +265,19 @@ def find_tokenizer(d: Path) -> Path | None:
 
 def resolve_data(args) -> dict:
     import sentencepiece as spm
-    import train_gpt as T
     if args.tokenizer and not args.data:
-        raise CheckError("--tokenizer needs --data (the shards it tokenized)")
+        raise UserError("--tokenizer needs --data (the shards it tokenized)")
     if args.data:
         d = Path(args.data)
         if not shards(d, "train") or not shards(d, "val"):
-            raise CheckError(f"--data {d}: no *_train_*.bin and *_val_*.bin shards there")
+            raise UserError(f"--data {d}: no *_train_*.bin and *_val_*.bin shards there")
         prefix = shards(d, "train")[0].name.split("_train_")[0]
         label = "fineweb" if prefix.startswith("fineweb") else "stdlib-sample" if prefix == "stdlib" else "corpus"
         tok = Path(args.tokenizer) if args.tokenizer else find_tokenizer(d)
         if tok is None and label == "fineweb":
             tok = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
         if tok is None or not tok.is_file():
-            raise CheckError(f"--data {d}: tokenizer {'not found' if tok is None else str(tok) + ' does not exist'}; "
+            raise UserError(f"--data {d}: tokenizer {'not found' if tok is None else str(tok) + ' does not exist'}; "
                              "pass --tokenizer MODEL (the SentencePiece model the shards were built with)")
     else:
         fw, fw_tok = ROOT / "data" / "datasets" / "fineweb10B_sp1024", ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
@@ -298,22 +290,19 @@ def resolve_data(args) -> dict:
             label = "stdlib-sample"
     want = manifest_tokenizer_sha(Path(d))
     if want and hashlib.sha256(Path(tok).read_bytes()).hexdigest() != want:
-        raise CheckError(f"{tok} is not the tokenizer {d} was built with (its manifest.json names sha256 {want[:12]}...); "
+        raise UserError(f"{tok} is not the tokenizer {d} was built with (its manifest.json names sha256 {want[:12]}...); "
                          "pass the matching --tokenizer")
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(tok))
     except (OSError, RuntimeError):
-        raise CheckError(f"{tok} is not a SentencePiece model") from None
+        raise UserError(f"{tok} is not a SentencePiece model") from None
     vocab = sp.vocab_size()
-    try:
-        n_train = sum(T.read_shard_header(str(f)) for f in shards(d, "train"))
-        n_val = sum(T.read_shard_header(str(f)) for f in shards(d, "val"))
-        top = max(int(T.load_data_shard(str(f)).max(initial=0)) for f in (shards(d, "val")[0], shards(d, "train")[0]))
-    except T.UserError as e:
-        raise CheckError(str(e)) from None
+    n_train = sum(read_shard_header(f) for f in shards(d, "train"))
+    n_val = sum(read_shard_header(f) for f in shards(d, "val"))
+    top = max(int(load_data_shard(f).max(initial=0)) for f in (shards(d, "val")[0], shards(d, "train")[0]))
     if top >= vocab:
-        raise CheckError(f"{d}: token id {top} does not exist in {tok} (vocab {vocab}); the shards were built with "
+        raise UserError(f"{d}: token id {top} does not exist in {tok} (vocab {vocab}); the shards were built with "
                          "another tokenizer: pass the matching --tokenizer")
     return dict(label=label, path=str(Path(d).resolve()), tokenizer=str(Path(tok).resolve()), vocab=vocab,
                 train_tokens=n_train, val_tokens=n_val)
@@ -649,12 +638,12 @@ def main(argv: list[str] | None = None) -> int:
     work = site = None
     try:
         if args.seconds <= 0 or args.val_tokens <= 0 or args.size_limit <= 0:
-            raise CheckError("--seconds, --val-tokens and --size-limit must be positive")
+            raise UserError("--seconds, --val-tokens and --size-limit must be positive")
         overrides = {}
         for kv in args.env:
             k, sep, v = kv.partition("=")
             if not sep or not k:
-                raise CheckError(f"--env {kv!r}: expected KEY=VALUE")
+                raise UserError(f"--env {kv!r}: expected KEY=VALUE")
             overrides[k.upper()] = v
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -662,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / name).unlink(missing_ok=True)
             say.file = open(out / "gpu_check.txt", "w", encoding="utf-8")
         except OSError as e:
-            raise CheckError(f"cannot write the output folder {out}: {e.strerror}") from None
+            raise UserError(f"cannot write the output folder {out}: {e.strerror}") from None
         site = install_wheels(args.wheels) if args.wheels else None
         if site is not None:
             sys.path.insert(0, str(site))
@@ -675,22 +664,22 @@ def main(argv: list[str] | None = None) -> int:
         presets = [x.strip() for x in args.presets.split(",") if x.strip()]
         bad = [x for x in presets if x not in T.PRESETS]
         if not presets or bad:
-            raise CheckError(f"--presets {args.presets!r}: choose from {', '.join(T.PRESETS)}")
+            raise UserError(f"--presets {args.presets!r}: choose from {', '.join(T.PRESETS)}")
         unknown = [k for k in overrides if k not in hp_defaults]
         if unknown:
-            raise CheckError(f"--env {', '.join(unknown)}: not a train_gpt.py variable")
+            raise UserError(f"--env {', '.join(unknown)}: not a train_gpt.py variable")
         if dry:
             gpu = None
         else:
             if not torch.cuda.is_available():
-                raise CheckError(f"no CUDA device visible to torch {torch.__version__} ({sys.executable}); run on the GPU "
+                raise UserError(f"no CUDA device visible to torch {torch.__version__} ({sys.executable}); run on the GPU "
                                  "machine, or use --cpu-dry-run to test this script's logic on the CPU")
             gpu = gpu_probe(torch)
         data = resolve_data(args)
         args.val_tokens_used = min(args.val_tokens, data["val_tokens"])
         work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         base_env = child_base_env(site, dry, hparam_names)
-    except CheckError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if say.file:
             say.file.write(f"error: {e}\n")
@@ -734,10 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             env.update(LOG_DIR=str(out), RUN_ID=preset, ARTIFACT=str(work / f"{preset}.ptz"))
             say(f"--- {preset}: " + " ".join(f"{k}={v}" for k, v in env.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "LOG_DIR", "ARTIFACT")))
             child = run_child(preset, base_env | env, out, remaining - 15)
-            log_path = out / f"{preset}.txt"
-            text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.exists() else ""
-            body = log_body(text) if text else [l for _, l in child["lines"]]
-            p = parse_log(body, hparam_names)
+            p = parse_log(run_log(str(out / f"{preset}.txt"), [l for _, l in child["lines"]]), hparam_names)
             p["recompiles"] = sum(RECOMPILE in l for _, l in child["lines"])  # torch logs go to the console only
             r = analyze(preset, child, p, plan, dry, hp_defaults, env)
             summary["runs"][preset] = r
@@ -779,9 +765,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_summary(out: Path, summary: dict) -> None:
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "summary.json")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n", what="summary")
 
 
 def fmt(x, spec=""):
@@ -836,4 +820,4 @@ def report(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main, code=2)  # setup errors: one line, exit status 2

@@ -17,7 +17,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tools.logparse import ToolError, cli  # noqa: E402
+from data.common import UserError, cli  # noqa: E402
 
 
 def rows(entries, level=22):
@@ -51,12 +51,9 @@ def main(argv=None) -> int:
         with open(a.artifact, "rb") as f:
             blob = f.read()
     except OSError as e:
-        raise ToolError(f"cannot read {a.artifact}: {e.strerror}") from None
+        raise UserError(f"cannot read {a.artifact}: {e.strerror}") from None
     import train_gpt as tg
-    try:
-        meta, entries = tg.unpack_artifact(blob, a.artifact)
-    except tg.UserError as e:
-        raise ToolError(str(e)) from None
+    meta, entries = tg.unpack_artifact(blob, a.artifact)  # its UserError is a one-line error too (data.common.cli)
     rs = rows(entries, a.level)
     if a.sort != "file":
         rs.sort(key=lambda r: -r[a.sort])

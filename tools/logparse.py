@@ -23,10 +23,12 @@ import math
 import os
 import re
 import statistics
-import sys
+import string
 
-LIMIT = 16_000_000  # code + artifact bytes, decimal
-RECORD_SECONDS = 600.0  # training (and, separately, evaluation) budget of the record track
+from data.common import CODE_END, CODE_HEAD, LIMIT_BYTES, LIMIT_SECONDS, UserError
+
+LIMIT = LIMIT_BYTES  # code + artifact bytes, decimal
+RECORD_SECONDS = LIMIT_SECONDS  # training (and, separately, evaluation) budget of the record track
 TRACKS = ("10min_16mb", "non_record_16mb")
 KINDS = ("pre", "roundtrip", "sliding", "ttt")  # score kinds, the submission metric is the best present of the last three
 KIND_NAMES = dict(pre="pre-quant", roundtrip="round trip", sliding="sliding window", ttt="test-time-trained")
@@ -34,8 +36,18 @@ KIND_NAMES = dict(pre="pre-quant", roundtrip="round trip", sliding="sliding wind
 NOT_CONFIG = {"seed", "run_id", "log_dir", "artifact", "data_path", "tokenizer_path", "train_log_every", "val_loss_every",
               "checkpoint_every", "resume"}
 
-_HEAD = re.compile(rb"==== code: (.+?) code_bytes:(\d+) sha256:([0-9a-f]{64}) ====\n")
-_TAIL = b"\n==== end of code ====\n"
+_FIELDS = {"name": r"(.+?)", "n": r"(\d+)", "sha": r"([0-9a-f]{64})"}  # CODE_HEAD's fields: script name, bytes, sha256
+
+
+def _head_pattern(head: str) -> re.Pattern:
+    """The regex of a code-block header line written as CODE_HEAD.format(name=..., n=..., sha=...)."""
+    parts = [re.escape(lit) + (_FIELDS[field] if field is not None else "") for lit, field, _, _ in string.Formatter().parse(head)]
+    return re.compile(("".join(parts) + "\n").encode())
+
+
+_HEAD = _head_pattern(CODE_HEAD)
+CODE_HEAD_PREFIX = CODE_HEAD.split("{", 1)[0]  # "==== code: ": how a log of this project starts
+_TAIL = f"\n{CODE_END}\n".encode()
 _UPSTREAM_RULE = b"\n" + b"=" * 100 + b"\n"
 # `key:value` / `key=value`, or `key: value` where the value holds no ':' (so `features: attention:sdpa` keeps both)
 _TOKEN = re.compile(r"(?<!\S)([A-Za-z_][\w./]*)[:=](\S+)|(?<!\S)([A-Za-z_][\w./]*): ([^\s:]+)(?=\s|$)")
@@ -48,10 +60,6 @@ _SCORE = re.compile(r"(?:^|\s)val_loss:\s?(\S+)\s.*?\bval_bpb:\s?(\S+)")
 _SLIDING_MODE = re.compile(r"^final_eval_mode:\s*sliding|sliding[ _-]window eval", re.I)
 _SMI_GPU = re.compile(r"^\|\s+\d+\s+((?:NVIDIA|Tesla)\b.*?)\s+(?:On|Off)\s+\|")
 _OVER = re.compile(r"(?i:size|bytes|limit).*\bOVER\b")
-
-
-class ToolError(Exception):
-    """A user-facing problem, reported as one line `error: ...` and exit status 1."""
 
 
 def num(v):
@@ -106,18 +114,18 @@ class Log:
                 with open(path, "rb") as f:
                     raw = f.read()
             except OSError as e:
-                raise ToolError(f"cannot read log {path}: {e.strerror}") from None
+                raise UserError(f"cannot read log {path}: {e.strerror}") from None
         self.raw, self.code, self.code_name, self.declared = raw, None, None, {}
         self.format = "upstream"
         heads = list(_HEAD.finditer(raw))
         if len(heads) > 1:
-            raise ToolError(f"{path} holds {len(heads)} runs (a reused RUN_ID appends to the same log); keep one run per file")
+            raise UserError(f"{path} holds {len(heads)} runs (a reused RUN_ID appends to the same log); keep one run per file")
         if heads:
             h = heads[0]
             name, n, sha = h.group(1).decode(errors="replace"), int(h.group(2)), h.group(3).decode()
             code, rest = raw[h.end():h.end() + n], raw[h.end() + n:]
             if len(code) != n or not rest.startswith(_TAIL) or hashlib.sha256(code).hexdigest() != sha:
-                raise ToolError(f"{path}: the logged code block is damaged (length, sha256 or end marker does not match its header)")
+                raise UserError(f"{path}: the logged code block is damaged (length, sha256 or end marker does not match its header)")
             self.format, self.code, self.code_name = "this", code, name
             self.declared = dict(code_bytes=n, sha256=sha)
             text = (raw[:h.start()] + rest[len(_TAIL):]).decode("utf-8", errors="replace")
@@ -143,6 +151,7 @@ class Log:
         return lg
 
     def _parse(self, lines):
+        self.lines = [line.rstrip("\r\n") for line in lines]  # the log's text lines, the code block left out
         self.hparams, self.versions, self.run_id, self.errors = {}, {}, None, []
         self.train, self.val, self.finals, self.scores, self.info = [], [], {}, [], {}
         self.last = {}  # head word of a line (before ':' or ' ') -> the tokens of the last line with that head
@@ -150,8 +159,7 @@ class Log:
         self.code_sizes, self.over_lines, self.gpus = {}, [], []
         self.train_done = {}
         in_hp = indented = sliding_mode = False
-        for line in lines:
-            line = line.rstrip("\r\n")
+        for line in self.lines:
             if in_hp:
                 m = _INDENTED.fullmatch(line) if indented else _HPARAM.fullmatch(line)
                 if m and m.group(1) != "model_params":
@@ -232,6 +240,10 @@ class Log:
         if self.artifact_bytes is None and self.logged_total and self.logged_code_bytes:
             # a log that prints only the total and the code size (`budget:TOTAL/LIMIT`, `code:N`): the artifact is the rest
             self.artifact_bytes, self.artifact_derived = self.logged_total - self.logged_code_bytes, True
+
+    def lines_with(self, prefix: str) -> list[str]:
+        """The lines that start with `prefix`, in order."""
+        return [line for line in self.lines if line.startswith(prefix)]
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -348,6 +360,17 @@ class Log:
         return f"{self.name} (seed {self.seed})" if self.seed is not None else self.name
 
 
+def run_log(path: str, console=()) -> Log:
+    """A run's facts from its log file; from its console lines (`console`) where the file is missing, empty or its
+    code block is damaged (a run that failed early still printed why)."""
+    try:
+        if os.path.getsize(path):
+            return Log(path)
+    except (OSError, UserError):
+        pass
+    return Log.from_lines(console, name=os.path.basename(path))
+
+
 def unique_logs(logs: list[Log]) -> tuple[list[Log], list[str]]:
     """Byte-identical copies (a train.log copied to train_seed1337.log) count once -> (logs, notes)."""
     seen, out, notes = {}, [], []
@@ -375,30 +398,3 @@ def mean_std(xs):
 
 def fmt(x, nd=8):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise ToolError(f"cannot write {path}: {e.strerror}") from None
-
-
-def cli(main):
-    """Run main(argv); user errors become one line on stderr and exit status 1, never a traceback."""
-    try:
-        code = main(sys.argv[1:])
-    except ToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
-    except OSError as e:
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)

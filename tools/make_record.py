@@ -38,7 +38,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from tools.check_record import check, report  # noqa: E402
-from tools.logparse import LIMIT, NOT_CONFIG, TRACKS, Log, ToolError, cli, config_diff, fmt, mean_std  # noqa: E402
+from data.common import UserError, cli  # noqa: E402
+from tools.logparse import LIMIT, NOT_CONFIG, TRACKS, Log, config_diff, fmt, mean_std  # noqa: E402
 from tools.pack_code import pack, unpack  # noqa: E402
 
 
@@ -53,20 +54,20 @@ def load_logs(paths: list[str]) -> list[Log]:
                else "has no artifact size line" if lg.artifact_bytes is None
                else "has no seed" if lg.seed is None else None)
         if why:
-            raise ToolError(f"{path} {why}")
+            raise UserError(f"{path} {why}")
         if lg.raw in seen:
-            raise ToolError(f"{path} and {seen[lg.raw]} are the same log")
+            raise UserError(f"{path} and {seen[lg.raw]} are the same log")
         seen[lg.raw] = path
         logs.append(lg)
     seeds = [lg.seed for lg in logs]
     if len(set(seeds)) != len(seeds):
-        raise ToolError(f"repeated seed in {seeds}: each log must be an independent seed")
+        raise UserError(f"repeated seed in {seeds}: each log must be an independent seed")
     for lg in logs[1:]:
         if lg.code_sha != logs[0].code_sha:
-            raise ToolError(f"{lg.path} and {logs[0].path} were written by different scripts "
+            raise UserError(f"{lg.path} and {logs[0].path} were written by different scripts "
                             f"(sha256 {lg.code_sha[:12]} vs {logs[0].code_sha[:12]})")
         if lg.config != logs[0].config:
-            raise ToolError(f"{lg.path} and {logs[0].path} ran different configurations: {config_diff(logs[0], lg)}")
+            raise UserError(f"{lg.path} and {logs[0].path} ran different configurations: {config_diff(logs[0], lg)}")
     return sorted(logs, key=lambda lg: lg.seed)
 
 
@@ -187,7 +188,7 @@ Folder made by `tools/make_record.py` and checked by `tools/check_record.py`.
 def slug(name: str) -> str:
     s = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name.strip()).strip("_.")
     if not s:
-        raise ToolError(f"--name {name!r} has no usable characters for a folder name")
+        raise UserError(f"--name {name!r} has no usable characters for a folder name")
     return s
 
 
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     code = plain if not a.pack or unpack(plain) is not None else pack(plain, lg0.code_name)
     out = os.path.abspath(a.out or os.path.join(ROOT, "records", f"track_{a.track}", f"{a.date}_{slug(a.name)}"))
     if os.path.exists(out):
-        raise ToolError(f"{out} already exists; remove it or choose another --name/--out")
+        raise UserError(f"{out} already exists; remove it or choose another --name/--out")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     ml, sl = mean_std([lg.val_loss for lg in logs])
     mb, sb = mean_std([lg.val_bpb for lg in logs])
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
             f.write(readme(a, logs, sub, code, plain, defaults))
         res, notes = check(stage, a.track, os.path.basename(out))
         if not report(res, notes):
-            raise ToolError(f"{out} not written: {sum(not ok for ok, _, _ in res)} rule(s) fail (above)")
+            raise UserError(f"{out} not written: {sum(not ok for ok, _, _ in res)} rule(s) fail (above)")
         os.chmod(stage, 0o755)
         os.rename(stage, out)
     finally:

@@ -21,7 +21,7 @@ import sys
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.logparse import ToolError, atomic_write, cli  # noqa: E402
+from data.common import UserError, cli, write_atomic  # noqa: E402
 
 _CODECS = {"lzma": lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), "zlib": lambda b: zlib.compress(b, 9),
            "bz2": lambda b: bz2.compress(b, 9)}
@@ -38,7 +38,7 @@ def pack(src: bytes, name: str = "train_gpt.py") -> bytes:
     try:
         compile(src, name, "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as e:
-        raise ToolError(f"{name} does not compile ({e.__class__.__name__}: {e}); nothing packed") from None
+        raise UserError(f"{name} does not compile ({e.__class__.__name__}: {e}); nothing packed") from None
     best = min(((c, base64.b85encode(f(src))) for c, f in _CODECS.items()), key=lambda x: len(x[1]))
     out = _STUB.format(name=os.path.basename(name), codec=best[0], n=len(src), sha=hashlib.sha256(src).hexdigest()[:16],
                        data=best[1].decode()).encode()
@@ -68,14 +68,14 @@ def main(argv=None) -> int:
     if a.unpack:
         out = unpack(src)
         if out is None:
-            raise ToolError(f"{a.script} is not a file written by tools/pack_code.py")
-        atomic_write(a.out, out)
+            raise UserError(f"{a.script} is not a file written by tools/pack_code.py")
+        write_atomic(a.out, out)
         print(f"unpacked {a.script} ({len(src)} bytes) -> {a.out} ({len(out)} bytes)")
         return 0
     if unpack(src) is not None:
-        raise ToolError(f"{a.script} is already packed")
+        raise UserError(f"{a.script} is already packed")
     out = pack(src, a.script)
-    atomic_write(a.out, out)
+    write_atomic(a.out, out)
     print(f"packed {a.script}: {len(src)} -> {len(out)} bytes ({100 * (1 - len(out) / len(src)):.1f}% smaller) -> {a.out}")
     return 0
 

@@ -12,11 +12,13 @@ Needs matplotlib (in requirements.txt).
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.logparse import KIND_NAMES, KINDS, Log, ToolError, cli  # noqa: E402
+from data.common import UserError, cli, write_atomic  # noqa: E402
+from tools.logparse import KIND_NAMES, KINDS, Log  # noqa: E402
 
 MARKERS = dict(pre="o", roundtrip="s", sliding="^", ttt="D")
 
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ToolError("plot_log.py needs matplotlib: pip install -r requirements.txt") from None
+        raise UserError("plot_log.py needs matplotlib: pip install -r requirements.txt") from None
     logs = [Log(p) for p in a.logs]
     names = labels(logs)
     for lg, name in zip(logs, names):
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
         elif not lg.train:
             print(f"warning: {name}: no train_loss step lines", file=sys.stderr)
     if not any(lg.train or lg.val or lg.scores for lg in logs):
-        raise ToolError("no step or score lines in " + ", ".join(lg.path for lg in logs))
+        raise UserError("no step or score lines in " + ", ".join(lg.path for lg in logs))
     fig, ax = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
     for i, (lg, label) in enumerate(zip(logs, names)):
         color = f"C{i % 10}"
@@ -84,14 +86,12 @@ def main(argv=None) -> int:
     title = ", ".join(names)
     fig.suptitle(a.title or (title if len(title) <= 120 else f"{len(names)} runs"))
     fig.tight_layout()
-    tmp = f"{a.out}.tmp{os.getpid()}{os.path.splitext(a.out)[1]}"
+    image = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110, format=os.path.splitext(a.out)[1][1:] or "png")
-        os.replace(tmp, a.out)
-    except (OSError, ValueError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise ToolError(f"cannot write {a.out}: {getattr(e, 'strerror', None) or e}") from None
+        fig.savefig(image, dpi=110, format=os.path.splitext(a.out)[1][1:] or "png")
+    except ValueError as e:  # a format matplotlib does not know
+        raise UserError(f"cannot write {a.out}: {e}") from None
+    write_atomic(a.out, image.getvalue(), what="plot")
     print(f"wrote {a.out}: {len(logs)} run(s)")
     return 0
 

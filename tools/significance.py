@@ -26,7 +26,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools.logparse import Log, ToolError, cli, mean_std, unique_logs  # noqa: E402
+from data.common import UserError, cli  # noqa: E402
+from tools.logparse import Log, mean_std, unique_logs  # noqa: E402
 
 RATIO_TOLERANCE = 0.005  # relative difference of val_loss/val_bpb above which two sides used different tokenizers
 
@@ -35,14 +36,14 @@ def welch(new: list[float], old_mean: float, old_std: float, old_n: int, thresho
     """One-sided Welch test of mean(old) - mean(new) > threshold. Returns the numbers."""
     from scipy import stats
     if len(new) < 2:
-        raise ToolError(f"need at least 2 new runs for a t-test, got {len(new)}")
+        raise UserError(f"need at least 2 new runs for a t-test, got {len(new)}")
     if old_n < 1:
-        raise ToolError("--old-n must be at least 1")
+        raise UserError("--old-n must be at least 1")
     m_new, s_new = mean_std(new)
     v_new, v_old = s_new ** 2 / len(new), (old_std ** 2 / old_n if old_n > 1 else 0.0)
     se = math.sqrt(v_new + v_old)
     if se == 0:
-        raise ToolError("all values are identical (zero variance): the t-test is undefined")
+        raise UserError("all values are identical (zero variance): the t-test is undefined")
     if old_n > 1:  # old vs (new + threshold): mean(old) - mean(new) > threshold
         r = stats.ttest_ind_from_stats(old_mean, old_std, old_n, m_new + threshold, s_new, len(new), equal_var=False, alternative="greater")
         t, p = r.statistic, r.pvalue
@@ -61,7 +62,7 @@ def read_side(paths, side, warn=print) -> list[Log]:
         warn(f"warning: {side}: {n}")
     for lg in logs:
         if lg.val_loss is None:
-            raise ToolError(f"{lg.path} has no final val_loss line (did the run finish?)")
+            raise UserError(f"{lg.path} has no final val_loss line (did the run finish?)")
     kinds = {lg.metric_kind for lg in logs}
     if len(kinds) > 1:
         warn(f"warning: {side} logs use different kinds of metric: {', '.join(sorted(kinds))}")
@@ -79,7 +80,7 @@ def units(new: list[Log], old: list[Log], threshold: float, bpb: bool) -> tuple[
         return "val_bpb", threshold / ro, (f"compared in val_bpb; the {threshold} nats/token bar is {threshold / ro:.6f} bpb through the "
                                             f"old runs' val_loss/val_bpb = {ro:.5f}" + ("" if same else f" (new runs: {rn:.5f}, another tokenizer)"))
     if not same:
-        raise ToolError(f"old and new runs used different tokenizers (val_loss/val_bpb {ro:.5f} vs {rn:.5f}): val_loss per token "
+        raise UserError(f"old and new runs used different tokenizers (val_loss/val_bpb {ro:.5f} vs {rn:.5f}): val_loss per token "
                         "does not compare; give --bpb to test val_bpb with the bar converted")
     return "val_loss", threshold, ""
 
