@@ -966,7 +966,7 @@ def metrics(ctx: Context, sums: Tensor) -> tuple[float, float, int]:
     return loss_sum / count, loss_sum / math.log(2) / byte_sum, int(count)
 
 
-def evaluate(ctx: Context, forward, val: Validation, L: int, stride: int, batch: int, desc="eval") -> tuple[float, float, int]:
+def evaluate(ctx: Context, forward, val: Validation, L: int, stride: int, batch: int, *, desc="eval") -> tuple[float, float, int]:
     """(val_loss in nats/token, val_bpb, scored tokens) over every target of `val`, all ranks together."""
     return metrics(ctx, eval_sums(ctx, forward, val, L, stride, batch, desc=desc))
 
@@ -1008,7 +1008,7 @@ class Muon(torch.optim.Optimizer):
     Rank r orthogonalizes matrices r, r+W, ...; the updates meet in one all-reduce of a flat buffer in which every
     slot is written by exactly one rank (x + 0 + ... = x), so every rank applies bit-identical updates."""
 
-    def __init__(self, params, lr, momentum, steps, wd, rank=0, world=1, ns="quintic", row_norm=False, dtype=torch.float32):
+    def __init__(self, params, *, lr, momentum, steps, wd, rank=0, world=1, ns="quintic", row_norm=False, dtype=torch.float32):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd, ns=ns, row_norm=row_norm))
         self.rank, self.world, self.dtype = rank, world, dtype  # dtype: Newton-Schulz and the all-reduced buffer
 
@@ -1054,8 +1054,8 @@ def build_optimizers(model: GPT, hp: Config, ctx: Context):
     tables = [m.weight for m in model.modules() if isinstance(m, QEmbedding)]
     seen = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in seen]
-    muon = Muon(matrices, hp["MATRIX_LR"], hp["MUON_MOMENTUM"], hp["MUON_BACKEND_STEPS"], hp["MUON_WD"], ctx.rank, ctx.world,
-                hp["MUON_NS"], bool(hp["MUON_ROW_NORM"]), ctx.amp or torch.float32)
+    muon = Muon(matrices, lr=hp["MATRIX_LR"], momentum=hp["MUON_MOMENTUM"], steps=hp["MUON_BACKEND_STEPS"], wd=hp["MUON_WD"],
+                rank=ctx.rank, world=ctx.world, ns=hp["MUON_NS"], row_norm=bool(hp["MUON_ROW_NORM"]), dtype=ctx.amp or torch.float32)
     adam = torch.optim.AdamW([dict(params=tables, lr=hp["EMBED_LR"], weight_decay=hp["EMBED_WD"]),
                               dict(params=scalars, lr=hp["SCALAR_LR"], weight_decay=hp["ADAM_WD"])],
                              betas=(hp["BETA1"], hp["BETA2"]), eps=hp["ADAM_EPS"], foreach=True)
@@ -1346,7 +1346,7 @@ def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
         if hp["VAL_LOSS_EVERY"] and (step % hp["VAL_LOSS_EVERY"] == 0 or done):
             ctx.sync()
             train_ms, t_val = elapsed, time.perf_counter()
-            vl, vb, _ = evaluate(ctx, eval_forward(model, ctx.compile), val, hp.eval_len, hp.eval_len, hp["EVAL_BATCH_SEQS"], "val")
+            vl, vb, _ = evaluate(ctx, eval_forward(model, ctx.compile), val, hp.eval_len, hp.eval_len, hp["EVAL_BATCH_SEQS"], desc="val")
             model.train()
             ctx.log(f"step:{step}/{hp['ITERATIONS']} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{elapsed:.0f}ms "
                     f"eval_time:{1000 * (time.perf_counter() - t_val):.0f}ms")
@@ -1451,7 +1451,7 @@ def quant_bits(model: GPT) -> dict[str, int]:
     return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear) and m.bits < 16}
 
 
-def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax", damp: float = 0.01,
+def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax", *, damp: float = 0.01,
          act_order: bool = True, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ: quantize w (rows x cols) column by column, pushing each column's rounding error onto the columns not yet
     quantized through the Cholesky factor of H^-1, H = sum of X^T X over the layer's inputs (damped by damp * mean
@@ -1504,7 +1504,7 @@ def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None) -> dict:
     QUANT_METHOD=gptq and the matrix has a Hessian (tables that are only looked up have none), else RTN."""
     stat, cands = quant_spec(hp, bits)
     if H is not None and hp["QUANT_METHOD"] == "gptq":
-        q, s, best = gptq(t, H, bits, cands, stat, hp["GPTQ_DAMP"])
+        q, s, best = gptq(t, H, bits, cands, stat, damp=hp["GPTQ_DAMP"])
     else:
         q, s, best = quantize_rows(t, bits, cands, stat)
     mse = float((q.float() * s.float()[:, None] - t.float()).square().mean())
@@ -1779,7 +1779,7 @@ def chunk_windows(n: int, L: int, stride: int, C: int) -> list[tuple[Tensor, Ten
     return out
 
 
-def ttt_grad(ctx: Context, model: GPT, tokens: Tensor, a: int, b: int, L: int, batch: int) -> None:
+def ttt_grad(ctx: Context, model: GPT, tokens: Tensor, a: int, b: int, *, L: int, batch: int) -> None:
     """Each parameter's .grad := the gradient of the mean loss over targets a..b, cut into sequences of L targets
     (the last one shorter), dealt round-robin to the ranks, `batch` per pass, then summed over ranks."""
     device, n_tgt = tokens.device, b - a + 1
@@ -1816,17 +1816,17 @@ def ttt_chunk(hp: Config, ctx: Context, model: GPT, fwd, val: Validation, out: T
         sums += eval_sums(ctx, fwd, val, L, stride, hp["EVAL_BATCH_SEQS"], desc=f"ttt {c + 1}/{len(chunks)}",
                           windows=windows, out=out)
         if c < len(chunks) - 1:
-            ttt_sgd(hp, ctx, model, opt, val.tokens, max(c * C, 1), (c + 1) * C - 1, c / (len(chunks) - 1))
+            ttt_sgd(hp, ctx, model, opt, val.tokens, max(c * C, 1), (c + 1) * C - 1, t=c / (len(chunks) - 1))
     return metrics(ctx, sums)
 
 
-def ttt_sgd(hp: Config, ctx: Context, model: GPT, opt, tokens: Tensor, a: int, b: int, t: float) -> None:
+def ttt_sgd(hp: Config, ctx: Context, model: GPT, opt, tokens: Tensor, a: int, b: int, *, t: float) -> None:
     """TTT_EPOCHS SGD steps on the mean loss of targets a..b, all ranks together, at TTT_LR cosine-decayed to
     t in [0, 1) of the way through the stretches trained on."""
     for g in opt.param_groups:
         g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * t))
     for _ in range(hp["TTT_EPOCHS"]):
-        ttt_grad(ctx, model, tokens, a, b, hp["TRAIN_SEQ_LEN"], hp["EVAL_BATCH_SEQS"])
+        ttt_grad(ctx, model, tokens, a, b, L=hp["TRAIN_SEQ_LEN"], batch=hp["EVAL_BATCH_SEQS"])
         opt.step()
     model.zero_grad(set_to_none=True)
 
@@ -1885,7 +1885,7 @@ def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor |
         model.requires_grad_(True)
         model.switch(doc_mask=doc_mask)
         if ph < P - 1 and phase:  # every rank has scored its share of the phase: train the base on all of it
-            ttt_sgd(hp, ctx, model, sgd, tokens, phase[0][0] + 1, phase[-1][1], ph / (P - 1))
+            ttt_sgd(hp, ctx, model, sgd, tokens, phase[0][0] + 1, phase[-1][1], t=ph / (P - 1))
     return metrics(ctx, sums)
 
 
@@ -1906,10 +1906,10 @@ def log_run_header(hp: Config, ctx: Context, run_id: str) -> int:
     return len(code)
 
 
-def score(ctx: Context, name: str, fwd, val: Validation, L: int, stride: int, batch: int) -> tuple[float, float, int, float]:
-    """evaluate() timed, logged as `name val_loss:... val_bpb:...`; returns (loss, bpb, tokens, seconds)."""
+def score(hp: Config, ctx: Context, fwd, val: Validation, stride: int, desc: str) -> tuple[float, float, int, float]:
+    """evaluate() in windows of hp.eval_len, timed: (val_loss, val_bpb, scored tokens, seconds)."""
     t0 = time.perf_counter()
-    loss, bpb, n = evaluate(ctx, fwd, val, L, stride, batch, name)
+    loss, bpb, n = evaluate(ctx, fwd, val, hp.eval_len, stride, hp["EVAL_BATCH_SEQS"], desc=desc)
     return loss, bpb, n, time.perf_counter() - t0
 
 
@@ -1923,22 +1923,22 @@ def run(hp: Config, ctx: Context, run_id: str) -> dict:
     if hp["EVAL_ONLY"]:
         ctx.log(f"eval_only artifact:{path} config:{json.dumps(read_artifact(path)[0]['config'], separators=(',', ':'))}")
     val = load_validation(hp, ctx.device)
-    L, batch = hp.eval_len, hp["EVAL_BATCH_SEQS"]
+    L = hp.eval_len
     if not hp["EVAL_ONLY"]:
         ts = train(hp, ctx, val, run_id)                          # model, loader: trained weights (EMA), data position
         hessians = calibrate(hp, ctx, ts)                          # GPTQ input Hessians, inside the training cap
-        loss, bpb, _, _ = score(ctx, "pre-quant eval", eval_forward(ts.model, ctx.compile), val, L, L, batch)
+        loss, bpb, _, _ = score(hp, ctx, eval_forward(ts.model, ctx.compile), val, L, "pre-quant eval")
         ctx.log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         sizes = export(hp, ctx, ts.model, hessians, code_bytes, path)  # quantize, fit the cap, write the artifact
         out |= sizes | dict(model=ts.model, hessians=hessians, steps=ts.step, train_ms=ts.elapsed_ms, qat_enabled=ts.model.sw.qat,
                             model_params=sum(p.numel() for p in ts.model.parameters()), pre_quant_loss=loss, pre_quant_bpb=bpb)
     rt, _, _ = load_artifact_model(path, ctx.device)              # round trip: every rank reads the file on disk
     fwd = eval_forward(rt, ctx.compile)
-    loss, bpb, n, dt = score(ctx, "roundtrip eval", fwd, val, L, L, batch)
+    loss, bpb, n, dt = score(hp, ctx, fwd, val, L, "roundtrip eval")
     ctx.log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{n} eval_seconds:{dt:.2f}")
     out |= dict(roundtrip_loss=loss, roundtrip_bpb=bpb, roundtrip_model=rt)
     if 0 < hp["EVAL_STRIDE"] < L:                                 # sliding windows: every target with long context
-        loss, bpb, n, dt = score(ctx, "sliding eval", fwd, val, L, hp["EVAL_STRIDE"], batch)
+        loss, bpb, n, dt = score(hp, ctx, fwd, val, hp["EVAL_STRIDE"], "sliding eval")
         ctx.log(f"final_sliding_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp['EVAL_STRIDE']} seq_len:{L} eval_seconds:{dt:.2f}")
         ctx.log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{val.full_tokens} "
                 f"full_split_estimate_s:{dt * (val.full_tokens - 1) / n:.1f}")

@@ -7,6 +7,7 @@ record folder ships that file alone); this module reads them from its source wit
 (importing it would import torch):
   LIMIT_BYTES, LIMIT_SECONDS   the challenge's size limit (code + artifact bytes) and time limit (seconds)
   CODE_HEAD, CODE_END          the lines around the script that every log of train_gpt.py starts with
+  FREE_SETTINGS                settings that do not change what a run computes (names, places, logging, kernels)
   SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS, BOS_ID   the shard format
 A shard is SHARD_HEADER_INTS little-endian int32 (magic, version, token count, then zeros) followed by that many
 little-endian uint16 tokens; every document starts with BOS_ID.
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 TRAIN_GPT = Path(__file__).resolve().parents[1] / "train_gpt.py"
-CONSTANT_NAMES = ("LIMIT_BYTES", "LIMIT_SECONDS", "CODE_HEAD", "CODE_END", "SHARD_MAGIC", "SHARD_VERSION",
+CONSTANT_NAMES = ("LIMIT_BYTES", "LIMIT_SECONDS", "CODE_HEAD", "CODE_END", "FREE_SETTINGS", "SHARD_MAGIC", "SHARD_VERSION",
                   "SHARD_HEADER_INTS", "BOS_ID")
 
 
@@ -76,6 +77,7 @@ LIMIT_BYTES: int = _C["LIMIT_BYTES"]
 LIMIT_SECONDS: float = _C["LIMIT_SECONDS"]
 CODE_HEAD: str = _C["CODE_HEAD"]
 CODE_END: str = _C["CODE_END"]
+FREE_SETTINGS: tuple = _C["FREE_SETTINGS"]  # settings that do not change what a run computes
 SHARD_MAGIC: int = _C["SHARD_MAGIC"]
 SHARD_VERSION: int = _C["SHARD_VERSION"]
 SHARD_HEADER_INTS: int = _C["SHARD_HEADER_INTS"]

@@ -96,10 +96,10 @@ def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts
     out = torch.full((len(v),), float("nan"), dtype=torch.float64)
     calls, grad = [], T.ttt_grad
 
-    def spy(ctx, model, val, a, b, *args):
+    def spy(ctx, model, val, a, b, **kw):
         assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()  # scored, and nothing after yet
         calls.append((a, b))
-        return grad(ctx, model, val, a, b, *args)
+        return grad(ctx, model, val, a, b, **kw)
     monkeypatch.setattr(T, "ttt_grad", spy)
     model = noisy_model(hp)
     T.ttt_chunk(hp, T.Context(), model, T.eval_forward(model, False), V(v, luts), out=out)
@@ -108,7 +108,7 @@ def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts
     for a, b in ((1, 255), (256, 511), (300, 330)):
         grads = []
         for w in (v, torch.cat((torch.randint(2, 1024, (a - 1,)), v[a - 1:b + 1], torch.randint(2, 1024, (len(v) - b - 1,))))):
-            grad(T.Context(), model, w.to(v.dtype), a, b, 128, 4)
+            grad(T.Context(), model, w.to(v.dtype), a, b, L=128, batch=4)
             grads.append([p.grad.clone() for p in model.parameters()])
         assert all(torch.equal(x, y) for x, y in zip(*grads))
         model.zero_grad()
@@ -168,10 +168,10 @@ def test_doc_phases_train_the_base_only_on_scored_phases(val, luts, monkeypatch)
     hp, v = doc_hp(TTT_DOC_PHASES=3), val[:900]
     out, calls, grad = torch.full((len(v),), float("nan"), dtype=torch.float64), [], T.ttt_grad
 
-    def spy(ctx, model, w, a, b, *args):
+    def spy(ctx, model, w, a, b, **kw):
         assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()
         calls.append((a, b))
-        return grad(ctx, model, w, a, b, *args)
+        return grad(ctx, model, w, a, b, **kw)
     monkeypatch.setattr(T, "ttt_grad", spy)
     T.ttt_doc(hp, T.Context(), noisy_model(hp), V(v, luts), out=out)
     monkeypatch.setattr(T, "ttt_grad", grad)
@@ -190,7 +190,7 @@ def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monk
     """Every target scored exactly once for any world size, document batch and phase count, and each target's score
     is the same bits whichever rank and batch mates it gets (no row leaks into another)."""
     monkeypatch.setattr(T, "metrics", lambda ctx, sums: sums)  # this rank's sums, not all-reduced
-    monkeypatch.setattr(T, "ttt_sgd", lambda *a: None)  # phases: ranks simulated one after another cannot all-reduce
+    monkeypatch.setattr(T, "ttt_sgd", lambda *a, **kw: None)  # phases: ranks simulated one after another cannot all-reduce
     v, res, ref = val[:700], [], None
     for world, batch, phases in ((1, 4, 1), (2, 4, 1), (3, 4, 1), (2, 3, 1), (3, 32, 1), (1, 4, 3), (2, 3, 2)):
         hp, covered, total = doc_hp(TTT_DOC_BATCH=batch, TTT_DOC_PHASES=phases), torch.zeros(len(v), dtype=torch.int64), 0

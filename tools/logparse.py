@@ -25,16 +25,16 @@ import re
 import statistics
 import string
 
-from data.common import CODE_END, CODE_HEAD, LIMIT_BYTES, LIMIT_SECONDS, UserError
+from data.common import CODE_END, CODE_HEAD, FREE_SETTINGS, LIMIT_BYTES, LIMIT_SECONDS, UserError
 
 LIMIT = LIMIT_BYTES  # code + artifact bytes, decimal
 RECORD_SECONDS = LIMIT_SECONDS  # training (and, separately, evaluation) budget of the record track
 TRACKS = ("10min_16mb", "non_record_16mb")
 KINDS = ("pre", "roundtrip", "sliding", "ttt")  # score kinds, the submission metric is the best present of the last three
 KIND_NAMES = dict(pre="pre-quant", roundtrip="round trip", sliding="sliding window", ttt="test-time-trained")
-# Hyperparameter lines that are not part of a run's configuration: its identity, machine paths, log and checkpoint cadence.
-NOT_CONFIG = {"seed", "run_id", "log_dir", "artifact", "data_path", "tokenizer_path", "train_log_every", "val_loss_every",
-              "checkpoint_every", "resume"}
+# Hyperparameter lines that are not part of a run's configuration: train_gpt.py's FREE_SETTINGS (identity, machine paths,
+# log and checkpoint cadence, kernels), and the seed, which differs between the runs of one configuration.
+NOT_CONFIG = {k.lower() for k in FREE_SETTINGS} | {"seed"}
 
 _FIELDS = {"name": r"(.+?)", "n": r"(\d+)", "sha": r"([0-9a-f]{64})"}  # CODE_HEAD's fields: script name, bytes, sha256
 
