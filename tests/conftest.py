@@ -1,4 +1,8 @@
-"""Shared fixtures: the embedded sample data, and helpers to run train_gpt.py as a user would."""
+"""Shared fixtures: the embedded sample data, and helpers to run train_gpt.py as a user would.
+
+The suite runs on pytest-xdist workers (tests/pytest.ini: -n auto); each worker computes with one thread, and the
+expensive end-to-end runs are made once per session, whichever worker asks first (`once`)."""
+import contextlib
 import os
 import re
 import subprocess
@@ -6,10 +10,29 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: two multi-threaded torch processes on a small
+    import torch  # machine slow each other down many times over
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def once(tmp_path_factory, name: str):
+    """A folder shared by all workers of this session and a flag: True for the one caller that must fill it (it
+    holds the lock meanwhile, so the others wait and then find it filled). Mark it filled by returning normally."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        folder.mkdir(exist_ok=True)
+        yield folder, not done.exists()
+        done.touch()
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +67,10 @@ def metric(log: str, line: str, key: str = "val_bpb") -> float:
 @pytest.fixture(scope="session")
 def smoke(sample_data, tmp_path_factory):
     """One real SMOKE run (single process), shared by the tests that read its log and artifact."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    rc, out, err, log = run_script({}, tmp)
-    assert rc == 0, err[-3000:]
-    return dict(dir=tmp, log=log, stdout=out, artifact=tmp / "run.ptz")
+    with once(tmp_path_factory, "smoke") as (tmp, first):
+        if first:
+            rc, out, err, _ = run_script({}, tmp)
+            assert rc == 0, err[-3000:]
+            (tmp / "stdout.txt").write_text(out)
+    return dict(dir=tmp, log=(tmp / "run.txt").read_text(encoding="utf-8"), stdout=(tmp / "stdout.txt").read_text(),
+                artifact=tmp / "run.ptz")

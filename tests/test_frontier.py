@@ -67,6 +67,7 @@ def test_loop_switch_under_compile_changes_the_output_without_a_recompile():
     """Warm-up compiles every depth (as train() does); switching afterwards reuses a cached graph."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
+    counters.clear()  # graphs compiled by earlier tests in this process do not count
     model = randomize(T.GPT(frontier_hp())).eval()
     f = torch.compile(model, backend="eager", dynamic=False)
     x, y = batch()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import ROOT, run_script
+from conftest import ROOT, once, run_script
 
 # a tiny 2-rank-friendly model; MAX_WALLCLOCK_SECONDS=0 (SMOKE): a step-based schedule, so a resumed run must be bit-exact
 TINY = dict(NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, XSA_LAST_N=1, VE_LAYERS="-1", BIGRAM_VOCAB_SIZE=128,
@@ -90,10 +90,11 @@ def assert_same_as(ref: Path, got: Path, ranks=(0, 1)):
 @pytest.fixture(scope="module")
 def reference(sample_data, tmp_path_factory):
     """The uninterrupted 2-rank run, no checkpoints."""
-    tmp = tmp_path_factory.mktemp("reference")
-    p = launch(tmp)
-    out, err = finish(p)
-    assert p.returncode == 0, err[-3000:]
+    with once(tmp_path_factory, "resume_reference") as (tmp, first):
+        if first:
+            p = launch(tmp)
+            out, err = finish(p)
+            assert p.returncode == 0, err[-3000:]
     log = (tmp / "run.txt").read_text()  # the QAT switch and the loop depth flip mid-run: their states matter
     assert "late_qat:enabled" in log and "layer_loop:enabled passes:1 step:2 " in log
     return tmp
