@@ -3,7 +3,7 @@
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py          (record recipe, 600 s cap)
       SMOKE=1 python train_gpt.py                                      (tiny CPU run on the sample data)
       EVAL_ONLY=1 ARTIFACT=final.ptz torchrun ... train_gpt.py         (re-score an artifact)
-Every setting is an environment variable (HPARAMS below). Importing this file has no side effects. `main` at the end
+Every setting is an environment variable (HPARAMS below). Importing this file has no side effects. `run` near the end
 is the table of contents: configuration -> train -> calibrate -> export -> reload from disk -> score. The sections
 follow that data flow; each one's header lists what it holds.
 """
@@ -42,7 +42,8 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
 
 
-# The challenge's limits and the log's code-block markers, defined here once (the tools read them from this file).
+# The challenge's limits and the log's code-block markers, defined here once. data/common.py reads these, FREE_SETTINGS,
+# SHARD_* and BOS_ID from this file's text (never importing it): keep them plain literals.
 LIMIT_BYTES = 16_000_000  # code + artifact bytes, decimal
 LIMIT_SECONDS = 600.0  # training time on 8 GPUs, and separately evaluation time
 CODE_HEAD = "==== code: {name} code_bytes:{n} sha256:{sha} ===="  # the log starts with the script, byte for byte
@@ -279,7 +280,7 @@ def check_hparams(hp: dict, world: int) -> None:
     hd = hp["MODEL_DIM"] // hp["NUM_HEADS"]
     need(hd % 2 == 0 and 0 <= hp["ROPE_DIMS"] <= hd and hp["ROPE_DIMS"] % 2 == 0, f"ROPE_DIMS={hp['ROPE_DIMS']} must be even and at most the head dim {hd}")
     need(0 <= hp["XSA_LAST_N"] <= hp["NUM_LAYERS"], f"XSA_LAST_N={hp['XSA_LAST_N']} must be in 0..NUM_LAYERS")
-    ve_layers(hp), loop_starts(hp), clips(hp), checkpoint_every(hp)
+    ve_layers(hp), loop_layers(hp), clips(hp), checkpoint_every(hp)
     need(-1 <= hp["PARALLEL_FROM"] < hp["NUM_LAYERS"], f"PARALLEL_FROM={hp['PARALLEL_FROM']} must be -1 (off) or a layer in 0..NUM_LAYERS-1")
     need(0 <= hp["WARMDOWN_FRAC"] <= 1 and 0 <= hp["MIN_LR"] < 1, "WARMDOWN_FRAC must be in [0, 1] and MIN_LR in [0, 1)")
     for k in ("EMA_DECAY", "TTT_MOMENTUM"):
@@ -290,6 +291,7 @@ def check_hparams(hp: dict, world: int) -> None:
     if hp["EVAL_ONLY"]:
         need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
         return
+    loop_starts(hp)
     if hp["QUANT_METHOD"] == "gptq" and hp["MAX_WALLCLOCK_SECONDS"] > 0:
         r, cap = hp["GPTQ_RESERVE_SECONDS"], hp["MAX_WALLCLOCK_SECONDS"]
         need(0 < r < cap, f"GPTQ_RESERVE_SECONDS={r} must be in (0, MAX_WALLCLOCK_SECONDS={cap}): calibration reads training data, inside the cap")
@@ -320,11 +322,20 @@ class Config(dict):
     def __init__(self, values: dict):
         super().__init__(values)
         self.eval_len = self["EVAL_SEQ_LEN"] or self["TRAIN_SEQ_LEN"]
-        self.loop_starts, self.clips, self.checkpoint_every = loop_starts(self), clips(self), checkpoint_every(self)
-        self.arch = {k: self[k] for k in ARCH_KEYS}
+        self.loop_starts = [] if self["EVAL_ONLY"] else loop_starts(self)  # a training schedule: not in artifacts
+        self.clips, self.checkpoint_every = clips(self), checkpoint_every(self)
+        self.arch = {k: self[k] for k in ARCH_KEYS}  # set last: from here on nothing can be set
 
     def _read_only(self, *_, **__):
         raise TypeError("the configuration is read-only once resolved; build another: Config(dict(hp) | changes)")
+
+    def __setattr__(self, name, value):
+        if "arch" in self.__dict__:
+            self._read_only()
+        super().__setattr__(name, value)
+
+    def __reduce__(self):  # copy and pickle rebuild it from its settings
+        return Config, (dict(self),)
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _read_only
 
@@ -575,9 +586,9 @@ def load_validation(hp: Config, device) -> Validation:
     return Validation(tokens, byte_luts(hp, device), full)
 
 
-# ----------------------------------------------------------------------------- quantization grid
-# Symmetric per-row intN rounding with fp16 scales (amax clip search or SDClip): one quantizer for late QAT inside
-# the model and for the exporter (GPTQ, below, rounds onto the same grid).
+# ----------------------------------------------------------------------------- quantization
+# Symmetric per-row intN rounding with fp16 scales (amax clip search or SDClip), the one quantizer of late QAT in the
+# model and of the exporter; GPTQ onto the same grid; per-tensor schemes; the order-0 entropy size estimate.
 SCALE_FLOOR = 2.0 ** -14  # smallest normal fp16: keeps all-zero rows finite (an underflowing floor gives NaN)
 
 
@@ -632,12 +643,105 @@ def quant_spec(hp: Config, bits: int) -> tuple[str, list[float]]:
     return "amax", hp.clips
 
 
+def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax", *, damp: float = 0.01,
+         act_order: bool = True, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ: quantize w (rows x cols) column by column, pushing each column's rounding error onto the columns not yet
+    quantized through the Cholesky factor of H^-1, H = sum of X^T X over the layer's inputs (damped by damp * mean
+    diag H; columns in decreasing diag H order with act_order). Rows are independent given H, so every candidate
+    scale of every row (row_scales) runs at once, and per row the candidate with the least output error
+    (w - w_hat) H (w - w_hat)^T wins. Same return as quantize_rows; with H = identity it gives quantize_rows'
+    symbols exactly."""
+    qmax, (rows, cols) = 2 ** (bits - 1) - 1, w.shape
+    w = w.detach().float()
+    scale = row_scales(w, bits, cands, stat)
+    C = scale.size(0)
+    S = scale.reshape(C * rows, 1)
+    Hd = H.detach().double().clone()
+    dead = Hd.diagonal() == 0  # inputs never seen in calibration: a unit diagonal rounds them to nearest, alone
+    Hd[dead, dead] = 1.0
+    W = w.repeat(C, 1)
+    perm = torch.argsort(Hd.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=w.device)
+    W, Hd = W[:, perm], Hd[perm][:, perm]
+    for _ in range(4):  # a rank-deficient H (few calibration tokens) can need more damping than asked for
+        try:
+            Hp = Hd + torch.diag(torch.full_like(Hd.diagonal(), damp * float(Hd.diagonal().mean())))
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
+            break
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    else:
+        raise UserError("GPTQ: the calibration Hessian is not positive definite even with 1000x GPTQ_DAMP; raise GPTQ_DAMP")
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(W.size(0), i2 - i1, device=W.device), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = torch.clamp(torch.round(W1[:, i:i + 1] / S), -qmax, qmax)
+            Q[:, i1 + i:i1 + i + 1] = q
+            e = (W1[:, i:i + 1] - q * S) / U1[i, i]
+            W1[:, i:] -= e @ U1[i:i + 1, i:]
+            E1[:, i:i + 1] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]
+    d = w.repeat(C, 1) - Q * S
+    err = ((d @ H.float()) * d).sum(dim=1).view(C, rows)
+    best = err.argmin(dim=0)
+    pick = best.view(1, -1, 1)
+    q = Q.view(C, rows, cols).gather(0, pick.expand(1, rows, cols))[0]
+    return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
+
+
+def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None) -> dict:
+    """An entry's int scheme, symbols, fp16 scales, mean chosen scale candidate and reconstruction MSE: GPTQ when
+    QUANT_METHOD=gptq and the matrix has a Hessian (tables that are only looked up have none), else RTN."""
+    stat, cands = quant_spec(hp, bits)
+    if H is not None and hp["QUANT_METHOD"] == "gptq":
+        q, s, best = gptq(t, H, bits, cands, stat, damp=hp["GPTQ_DAMP"])
+    else:
+        q, s, best = quantize_rows(t, bits, cands, stat)
+    mse = float((q.float() * s.float()[:, None] - t.float()).square().mean())
+    return dict(scheme=f"int{bits}", q=q, scale=s, clip=float(torch.tensor(cands)[best.cpu()].mean()), mse=mse)
+
+
+def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp: Config, hessians: dict | None = None
+                   ) -> tuple[list[dict], dict[str, Tensor]]:
+    """Per tensor: int6/int8 rows for matrices/tables over QUANT_MIN_NUMEL values (scheme from the module), fp16 for
+    smaller matrices, fp32 for vectors and controls. Returns entries (meta + arrays) and the float originals of the
+    quantized tensors (for the budget fit)."""
+    entries, originals, hessians = [], {}, hessians or {}
+    for name, t in state.items():
+        t = t.detach()
+        e = dict(name=name, shape=list(t.shape))
+        if name in bits and t.numel() > hp["QUANT_MIN_NUMEL"]:
+            e.update(quant_fields(t, bits[name], hp, hessians.get(name)))
+            originals[name] = t.float()
+        else:
+            e.update(scheme="fp16" if t.ndim == 2 else "fp32", data=t.to(torch.float16 if t.ndim == 2 else torch.float32))
+        entries.append(e)
+    return entries, originals
+
+
+def entropy_bytes(entries: list[dict]) -> int:
+    """Order-0 entropy bound of the quantized symbols plus raw bytes of everything else: a cheap size forecast
+    (zstd-22 lands within about 1% of it on int6 rows)."""
+    total = 0.0
+    for e in entries:
+        if "q" in e:
+            p = torch.bincount(e["q"].flatten().long() + 128, minlength=256).double()
+            p = p[p > 0] / p.sum()
+            total += float(-(p * p.log2()).sum()) * e["q"].numel() / 8 + 2 * e["scale"].numel()
+        else:
+            total += e["data"].numel() * e["data"].element_size()
+    return int(total)
+
+
 # ----------------------------------------------------------------------------- model
 # GPT: tied int8 embedding, bigram hash, SmearGate, value embeddings, attention (RoPE, QK gain, XSA, FA3/SDPA,
 # DOC_MASK), relu2/leaky2 MLP, parallel blocks, U-Net skips (gated), depth recurrence, logit softcap; Switches.
 @dataclasses.dataclass
 class Switches:
-    """All that changes while a run goes on, in one place; checkpoints save exactly this."""
+    """The switches that flip while a run goes on (weights and optimizer state aside), in one place; checkpoints
+    save exactly this."""
     loops: int = 0  # extra passes through LOOP_LAYERS switched on (LOOP_START)
     qat: bool = False  # late QAT: matrices compute with their quantized weights (QAT_THRESHOLD)
     doc_mask: bool = False  # attention within documents (DOC_MASK; TTT=doc's windows hold one document: off there)
@@ -894,6 +998,10 @@ class GPT(nn.Module):
 
 
 
+def quant_bits(model: GPT) -> dict[str, int]:
+    return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear) and m.bits < 16}
+
+
 # ----------------------------------------------------------------------------- evaluation
 # The exact metric: every validation target scored once, in non-overlapping or sliding windows, nats summed in
 # float64 and divided by the bytes the targets decode to (val_bpb), split across ranks.
@@ -1049,7 +1157,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(ps, full_views, alpha=-group["lr"])
 
 
-def build_optimizers(model: GPT, hp: Config, ctx: Context):
+def build_optimizers(hp: Config, ctx: Context, model: GPT):
     matrices = [m.weight for _, m in model.linears()]
     tables = [m.weight for m in model.modules() if isinstance(m, QEmbedding)]
     seen = {id(p) for p in matrices + tables}
@@ -1203,8 +1311,8 @@ def build_model(hp: Config, ctx: Context):
     ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     model.set_qat(hp if hp["QAT_THRESHOLD"] > 0 else None)
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
-    attention = "fa3" if _fa3 is not None and ctx.device.type == "cuda" else "sdpa"
-    ctx.log(f"features: attention:{attention} compile:{'on' if ctx.compile else 'off'} autocast:{'bf16' if ctx.amp else 'off'} "
+    backend = "fa3" if _fa3 is not None and ctx.device.type == "cuda" else "sdpa"
+    ctx.log(f"features: attention:{backend} compile:{'on' if ctx.compile else 'off'} autocast:{'bf16' if ctx.amp else 'off'} "
             f"xsa_layers:{xsa} ve_layers:{model.ve_layers} layers_per_pass:{[len(o) for o in model.orders]} "
             f"ema:{hp['EMA_DECAY']} qat_threshold:{hp['QAT_THRESHOLD']} (every setting is in the log above)")
     fwd = torch.compile(model, dynamic=False) if ctx.compile else model
@@ -1259,6 +1367,18 @@ def warm_up(hp: Config, ctx: Context, model: GPT, opts, step_fn, files) -> None:
     ctx.log(f"warmup_steps:{hp['WARMUP_STEPS']} done (weights and optimizer state restored)")
 
 
+def forecast(hp: Config, ctx: Context, model: GPT, ema, step: int) -> None:
+    """At the start of warmdown, forecast the artifact size from the current (EMA) weights."""
+    def go():
+        names = [n for n, _ in model.named_parameters()]
+        state = dict(zip(names, ema)) if ema is not None else model.state_dict()
+        entries, _ = quantize_state(state, quant_bits(model), hp)
+        code = len(read_file(os.path.abspath(__file__), "script"))
+        ctx.log(f"size_forecast:{entropy_bytes(entries) + code} limit:{hp['SIZE_LIMIT_BYTES']} step:{step} "
+                "(order-0 entropy of the quantized weights + code bytes)")
+    ctx.on_rank0(go)
+
+
 def update_switches(hp: Config, ctx: Context, ts: TrainState, mult: float) -> bool:
     """After a step: switch on the loop passes whose LOOP_START the budget has reached, late QAT once the LR
     multiplier drops below QAT_THRESHOLD, and log the size forecast at the start of warmdown. True if the loop depth
@@ -1282,7 +1402,7 @@ def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
     """Train to ITERATIONS or the wall-clock cap (less the GPTQ reserve), resuming from a checkpoint if asked;
     returns the final state, its model holding the EMA weights."""
     model, ddp = build_model(hp, ctx)
-    opts = build_optimizers(model, hp, ctx)
+    opts = build_optimizers(hp, ctx, model)
     files = shard_files(hp, "train")
     accum = hp["MICRO_BATCHES"] // ctx.world
     ctx.log(f"train_shards:{len(files)} val_tokens:{len(val.tokens)} world_size:{ctx.world} grad_accum_steps:{accum} "
@@ -1374,11 +1494,10 @@ def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
     return ts
 
 
-# ----------------------------------------------------------------------------- calibration and quantization
-# GPTQ calibration (input Hessians, inside the training cap), GPTQ itself, per-tensor schemes (int6 matrices, int8
-# tables, fp16 small matrices, fp32 vectors), the order-0 entropy size estimate and the warmdown size forecast.
+# ----------------------------------------------------------------------------- calibration
+# GPTQ's input Hessians, from the training batches that follow the loop, inside the wall-clock cap.
 @torch.no_grad()
-def collect_hessians(ctx: Context, model: GPT, hp: Config, loader, budget_ms: float | None) -> tuple[dict, int, float]:
+def collect_hessians(hp: Config, ctx: Context, model: GPT, loader, budget_ms: float | None) -> tuple[dict, int, float]:
     """GPTQ calibration: H = sum of X^T X over the inputs of every matrix that ships quantized (for the tied
     embedding, the final-norm output: it is also the output layer), from up to GPTQ_CALIB_BATCHES further training
     batches run forward through `model` (the weights that will be exported). Each rank keeps one H per local
@@ -1440,119 +1559,11 @@ def calibrate(hp: Config, ctx: Context, ts: TrainState) -> dict[str, Tensor]:
     if hp["QUANT_METHOD"] != "gptq":
         return {}
     limit = 1000 * hp["MAX_WALLCLOCK_SECONDS"]
-    hs, batches, ms = collect_hessians(ctx, ts.model, hp, ts.loader, limit - ts.elapsed_ms if limit > 0 else None)
+    hs, batches, ms = collect_hessians(hp, ctx, ts.model, ts.loader, limit - ts.elapsed_ms if limit > 0 else None)
     ctx.log(f"gptq_calibration: batches:{batches} tokens:{batches * hp['TRAIN_BATCH_TOKENS']} seconds:{ms / 1000:.2f} "
             f"train_plus_calibration_ms:{ts.elapsed_ms + ms:.0f} limit_ms:{limit:.0f}"
             + (" OVER: raise GPTQ_RESERVE_SECONDS" if 0 < limit < ts.elapsed_ms + ms else ""))
     return hs
-
-
-def quant_bits(model: GPT) -> dict[str, int]:
-    return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear) and m.bits < 16}
-
-
-def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax", *, damp: float = 0.01,
-         act_order: bool = True, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:
-    """GPTQ: quantize w (rows x cols) column by column, pushing each column's rounding error onto the columns not yet
-    quantized through the Cholesky factor of H^-1, H = sum of X^T X over the layer's inputs (damped by damp * mean
-    diag H; columns in decreasing diag H order with act_order). Rows are independent given H, so every candidate
-    scale of every row (row_scales) runs at once, and per row the candidate with the least output error
-    (w - w_hat) H (w - w_hat)^T wins. Same return as quantize_rows; with H = identity it gives quantize_rows'
-    symbols exactly."""
-    qmax, (rows, cols) = 2 ** (bits - 1) - 1, w.shape
-    w = w.detach().float()
-    scale = row_scales(w, bits, cands, stat)
-    C = scale.size(0)
-    S = scale.reshape(C * rows, 1)
-    Hd = H.detach().double().clone()
-    dead = Hd.diagonal() == 0  # inputs never seen in calibration: a unit diagonal rounds them to nearest, alone
-    Hd[dead, dead] = 1.0
-    W = w.repeat(C, 1)
-    perm = torch.argsort(Hd.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=w.device)
-    W, Hd = W[:, perm], Hd[perm][:, perm]
-    for _ in range(4):  # a rank-deficient H (few calibration tokens) can need more damping than asked for
-        try:
-            Hp = Hd + torch.diag(torch.full_like(Hd.diagonal(), damp * float(Hd.diagonal().mean())))
-            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
-            break
-        except torch.linalg.LinAlgError:
-            damp *= 10
-    else:
-        raise UserError("GPTQ: the calibration Hessian is not positive definite even with 1000x GPTQ_DAMP; raise GPTQ_DAMP")
-    Q = torch.zeros_like(W)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(W.size(0), i2 - i1, device=W.device), U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            q = torch.clamp(torch.round(W1[:, i:i + 1] / S), -qmax, qmax)
-            Q[:, i1 + i:i1 + i + 1] = q
-            e = (W1[:, i:i + 1] - q * S) / U1[i, i]
-            W1[:, i:] -= e @ U1[i:i + 1, i:]
-            E1[:, i:i + 1] = e
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    Q = Q[:, torch.argsort(perm)]
-    d = w.repeat(C, 1) - Q * S
-    err = ((d @ H.float()) * d).sum(dim=1).view(C, rows)
-    best = err.argmin(dim=0)
-    pick = best.view(1, -1, 1)
-    q = Q.view(C, rows, cols).gather(0, pick.expand(1, rows, cols))[0]
-    return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
-
-
-def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None) -> dict:
-    """An entry's int scheme, symbols, fp16 scales, mean chosen scale candidate and reconstruction MSE: GPTQ when
-    QUANT_METHOD=gptq and the matrix has a Hessian (tables that are only looked up have none), else RTN."""
-    stat, cands = quant_spec(hp, bits)
-    if H is not None and hp["QUANT_METHOD"] == "gptq":
-        q, s, best = gptq(t, H, bits, cands, stat, damp=hp["GPTQ_DAMP"])
-    else:
-        q, s, best = quantize_rows(t, bits, cands, stat)
-    mse = float((q.float() * s.float()[:, None] - t.float()).square().mean())
-    return dict(scheme=f"int{bits}", q=q, scale=s, clip=float(torch.tensor(cands)[best.cpu()].mean()), mse=mse)
-
-
-def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp: Config, hessians: dict | None = None
-                   ) -> tuple[list[dict], dict[str, Tensor]]:
-    """Per tensor: int6/int8 rows for matrices/tables over QUANT_MIN_NUMEL values (scheme from the module), fp16 for
-    smaller matrices, fp32 for vectors and controls. Returns entries (meta + arrays) and the float originals of the
-    quantized tensors (for the budget fit)."""
-    entries, originals, hessians = [], {}, hessians or {}
-    for name, t in state.items():
-        t = t.detach()
-        e = dict(name=name, shape=list(t.shape))
-        if name in bits and t.numel() > hp["QUANT_MIN_NUMEL"]:
-            e.update(quant_fields(t, bits[name], hp, hessians.get(name)))
-            originals[name] = t.float()
-        else:
-            e.update(scheme="fp16" if t.ndim == 2 else "fp32", data=t.to(torch.float16 if t.ndim == 2 else torch.float32))
-        entries.append(e)
-    return entries, originals
-
-
-def entropy_bytes(entries: list[dict]) -> int:
-    """Order-0 entropy bound of the quantized symbols plus raw bytes of everything else: a cheap size forecast
-    (zstd-22 lands within about 1% of it on int6 rows)."""
-    total = 0.0
-    for e in entries:
-        if "q" in e:
-            p = torch.bincount(e["q"].flatten().long() + 128, minlength=256).double()
-            p = p[p > 0] / p.sum()
-            total += float(-(p * p.log2()).sum()) * e["q"].numel() / 8 + 2 * e["scale"].numel()
-        else:
-            total += e["data"].numel() * e["data"].element_size()
-    return int(total)
-
-
-def forecast(hp: Config, ctx: Context, model: GPT, ema, step: int) -> None:
-    """At the start of warmdown, forecast the artifact size from the current (EMA) weights."""
-    def go():
-        names = [n for n, _ in model.named_parameters()]
-        state = dict(zip(names, ema)) if ema is not None else model.state_dict()
-        entries, _ = quantize_state(state, quant_bits(model), hp)
-        code = len(read_file(os.path.abspath(__file__), "script"))
-        ctx.log(f"size_forecast:{entropy_bytes(entries) + code} limit:{hp['SIZE_LIMIT_BYTES']} step:{step} "
-                "(order-0 entropy of the quantized weights + code bytes)")
-    ctx.on_rank0(go)
 
 
 # ----------------------------------------------------------------------------- artifact
@@ -1622,6 +1633,45 @@ def dequantize(entries: list[dict]) -> dict[str, Tensor]:
     return {e["name"]: e["q"].float() * e["scale"].float()[:, None] if "q" in e else e["data"].float() for e in entries}
 
 
+def fit_int5(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians: dict, before: int) -> bytes:
+    """Requantize int6 matrices to int5 (same scale rule; GPTQ again, at 5 bits, where there is a Hessian) in order of
+    added squared error per byte saved (order-0 entropy estimate), and keep the fewest that fit, by bisection on the
+    real compressed size (which falls with the count, up to zstd noise of a few hundred bytes). Raises UserError if
+    even all of them do not fit."""
+    cand = []
+    for i, e in enumerate(entries):
+        if e.get("scheme") == "int6":
+            w = originals[e["name"]]
+            f5 = quant_fields(w, 5, hp, hessians.get(e["name"]))
+            e5 = dict(e, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in f5.items()})
+            saved = max(entropy_bytes([e]) - entropy_bytes([e5]), 1)
+            cand.append(((e5["mse"] - e["mse"]) * w.numel() / saved, i, e5))
+    cand.sort(key=lambda c: c[:2])
+
+    def build(k):
+        out = list(entries)
+        for _, i, e5 in cand[:k]:
+            out[i] = e5
+        return pack_artifact(out, config)
+
+    lo, hi, target = 0, len(cand), limit - code_bytes  # lo does not fit; hi must
+    best = build(hi)
+    if len(best) > target:
+        raise UserError(f"artifact cannot fit: {before} + {code_bytes} code bytes > SIZE_LIMIT_BYTES={limit} even with "
+                        f"all {hi} int6 matrices in int5 ({len(best)} bytes); use a smaller model")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        blob = build(mid)
+        if len(blob) <= target:
+            hi, best = mid, blob
+        else:
+            lo = mid
+    log(f"budget_fit: moved {hi} of {len(cand)} int6 matrices to int5 instead of zeroing values of magnitude 1 (not "
+        f"enough), least added squared error per byte first (trained for int6: expect a larger penalty): "
+        f"{','.join(e5['name'] for _, _, e5 in cand[:hi])} bytes_before:{before + code_bytes} bytes_after:{len(best) + code_bytes}")
+    return best
+
+
 def fit_budget(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians=None) -> bytes:
     """Compress; if code + artifact exceeds the limit, zero the int6 values of magnitude 1 whose removal adds the
     least squared error, in that order, choosing the count by a few secant steps on the real compressed size; if
@@ -1679,50 +1729,9 @@ def fit_budget(entries, originals, config: dict, hp: Config, *, code_bytes: int,
     return best
 
 
-def fit_int5(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians: dict, before: int) -> bytes:
-    """Requantize int6 matrices to int5 (same scale rule; GPTQ again, at 5 bits, where there is a Hessian) in order of
-    added squared error per byte saved (order-0 entropy estimate), and keep the fewest that fit, by bisection on the
-    real compressed size (which falls with the count, up to zstd noise of a few hundred bytes). Raises UserError if
-    even all of them do not fit."""
-    cand = []
-    for i, e in enumerate(entries):
-        if e.get("scheme") == "int6":
-            w = originals[e["name"]]
-            f5 = quant_fields(w, 5, hp, hessians.get(e["name"]))
-            e5 = dict(e, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in f5.items()})
-            saved = max(entropy_bytes([e]) - entropy_bytes([e5]), 1)
-            cand.append(((e5["mse"] - e["mse"]) * w.numel() / saved, i, e5))
-    cand.sort(key=lambda c: c[:2])
-
-    def build(k):
-        out = list(entries)
-        for _, i, e5 in cand[:k]:
-            out[i] = e5
-        return pack_artifact(out, config)
-
-    lo, hi, target = 0, len(cand), limit - code_bytes  # lo does not fit; hi must
-    best = build(hi)
-    if len(best) > target:
-        raise UserError(f"artifact cannot fit: {before} + {code_bytes} code bytes > SIZE_LIMIT_BYTES={limit} even with "
-                        f"all {hi} int6 matrices in int5 ({len(best)} bytes); use a smaller model")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        blob = build(mid)
-        if len(blob) <= target:
-            hi, best = mid, blob
-        else:
-            lo = mid
-    log(f"budget_fit: moved {hi} of {len(cand)} int6 matrices to int5 instead of zeroing values of magnitude 1 (not "
-        f"enough), least added squared error per byte first (trained for int6: expect a larger penalty): "
-        f"{','.join(e5['name'] for _, _, e5 in cand[:hi])} bytes_before:{before + code_bytes} bytes_after:{len(best) + code_bytes}")
-    return best
-
-
 def export(hp: Config, ctx: Context, model: GPT, hessians: dict, code_bytes: int, path: str) -> dict:
     """Quantize the model (GPTQ with `hessians`, else RTN), fit code + artifact under SIZE_LIMIT_BYTES and write the
-    artifact atomically, on rank 0; returns its byte counts."""
-    sizes = {}
-
+    artifact atomically, on rank 0; returns its byte counts (on rank 0)."""
     def go():
         t0, tf32 = time.perf_counter(), torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error feedback in true fp32 (start_distributed turns TF32 on)
@@ -1738,9 +1747,8 @@ def export(hp: Config, ctx: Context, model: GPT, hessians: dict, code_bytes: int
         ctx.log(f"artifact: path={path} bytes={len(blob)} export_seconds:{time.perf_counter() - t0:.1f}")
         ctx.log(f"code_bytes:{code_bytes}")
         ctx.log(f"total_submission_bytes:{total} limit:{hp['SIZE_LIMIT_BYTES']} {'ok' if total <= hp['SIZE_LIMIT_BYTES'] else 'OVER'}")
-        sizes.update(artifact_bytes=len(blob), code_bytes=code_bytes, total_bytes=total)
-    ctx.on_rank0(go)
-    return sizes
+        return dict(artifact_bytes=len(blob), code_bytes=code_bytes, total_bytes=total)
+    return ctx.on_rank0(go) or {}
 
 
 def read_artifact(path: str) -> tuple[dict, list[dict], int]:
@@ -1802,8 +1810,19 @@ def ttt_grad(ctx: Context, model: GPT, tokens: Tensor, a: int, b: int, *, L: int
             p.grad.copy_(g.view_as(p))
 
 
+def ttt_sgd(hp: Config, ctx: Context, model: GPT, opt, tokens: Tensor, a: int, b: int, *, t: float) -> None:
+    """TTT_EPOCHS SGD steps on the mean loss of targets a..b, all ranks together, at TTT_LR cosine-decayed to
+    t in [0, 1) of the way through the stretches trained on."""
+    for g in opt.param_groups:
+        g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * t))
+    for _ in range(hp["TTT_EPOCHS"]):
+        ttt_grad(ctx, model, tokens, a, b, L=hp["TRAIN_SEQ_LEN"], batch=hp["EVAL_BATCH_SEQS"])
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
 def ttt_chunk(hp: Config, ctx: Context, model: GPT, fwd, val: Validation, out: Tensor | None = None):
-    """Legal score-first TTT: chunk by chunk: score every target of the chunk with the current
+    """Legal score-first TTT, chunk by chunk: score every target of the chunk with the current
     weights (sliding windows, EVAL_STRIDE), then take TTT_EPOCHS SGD steps on exactly those targets; every rank
     keeps the same weights; the last chunk is never trained on. A score thus depends only on the tokens before it:
     the weights on the chunks before, the window on causal attention. Returns (val_loss, val_bpb, scored tokens)."""
@@ -1818,17 +1837,6 @@ def ttt_chunk(hp: Config, ctx: Context, model: GPT, fwd, val: Validation, out: T
         if c < len(chunks) - 1:
             ttt_sgd(hp, ctx, model, opt, val.tokens, max(c * C, 1), (c + 1) * C - 1, t=c / (len(chunks) - 1))
     return metrics(ctx, sums)
-
-
-def ttt_sgd(hp: Config, ctx: Context, model: GPT, opt, tokens: Tensor, a: int, b: int, *, t: float) -> None:
-    """TTT_EPOCHS SGD steps on the mean loss of targets a..b, all ranks together, at TTT_LR cosine-decayed to
-    t in [0, 1) of the way through the stretches trained on."""
-    for g in opt.param_groups:
-        g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * t))
-    for _ in range(hp["TTT_EPOCHS"]):
-        ttt_grad(ctx, model, tokens, a, b, L=hp["TRAIN_SEQ_LEN"], batch=hp["EVAL_BATCH_SEQS"])
-        opt.step()
-    model.zero_grad(set_to_none=True)
 
 
 def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor | None = None):
@@ -1891,7 +1899,8 @@ def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor |
 
 # ----------------------------------------------------------------------------- entry point
 def log_run_header(hp: Config, ctx: Context, run_id: str) -> int:
-    """The script itself, byte for byte, then versions, device and every setting; returns the script's size."""
+    """The script itself, byte for byte, then versions, device and every setting (under EVAL_ONLY, the artifact's
+    configuration too); returns the script's size."""
     script = os.path.abspath(__file__)
     code = read_file(script, "script")
     ctx.log(CODE_HEAD.format(name=os.path.basename(script), n=len(code), sha=hashlib.sha256(code).hexdigest()), console=False)
@@ -1903,69 +1912,87 @@ def log_run_header(hp: Config, ctx: Context, run_id: str) -> int:
     ctx.log(f"run_id:{run_id}")
     for k, v in hp.items():
         ctx.log(f"{k.lower()}:{v}", console=False)
+    if hp["EVAL_ONLY"]:
+        config = read_artifact(hp["ARTIFACT"])[0]["config"]
+        ctx.log(f"eval_only artifact:{hp['ARTIFACT']} config:{json.dumps(config, separators=(',', ':'))}")
     return len(code)
 
 
-def score(hp: Config, ctx: Context, fwd, val: Validation, stride: int, desc: str) -> tuple[float, float, int, float]:
-    """evaluate() in windows of hp.eval_len, timed: (val_loss, val_bpb, scored tokens, seconds)."""
+def timed(fn, *args, **kw):
+    """fn(*args, **kw)'s tuple with the seconds it took appended."""
     t0 = time.perf_counter()
-    loss, bpb, n = evaluate(ctx, fwd, val, hp.eval_len, stride, hp["EVAL_BATCH_SEQS"], desc=desc)
-    return loss, bpb, n, time.perf_counter() - t0
+    return *fn(*args, **kw), time.perf_counter() - t0
+
+
+def pre_quant_score(hp: Config, ctx: Context, model: GPT, val: Validation) -> dict:
+    """The trained (EMA) weights before quantization, for the penalty the artifact costs; never the submission."""
+    loss, bpb, _ = evaluate(ctx, eval_forward(model, ctx.compile), val, hp.eval_len, hp.eval_len, hp["EVAL_BATCH_SEQS"],
+                            desc="pre-quant eval")
+    ctx.log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    return dict(pre_quant_loss=loss, pre_quant_bpb=bpb)
+
+
+def roundtrip_score(hp: Config, ctx: Context, fwd, val: Validation) -> dict:
+    """Non-overlapping windows of EVAL_SEQ_LEN over the whole split: the standard score of the artifact."""
+    L = hp.eval_len
+    loss, bpb, n, dt = timed(evaluate, ctx, fwd, val, L, L, hp["EVAL_BATCH_SEQS"], desc="roundtrip eval")
+    ctx.log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{n} eval_seconds:{dt:.2f}")
+    return dict(roundtrip_loss=loss, roundtrip_bpb=bpb)
+
+
+def sliding_score(hp: Config, ctx: Context, fwd, val: Validation) -> dict:
+    """Windows every EVAL_STRIDE tokens, each scoring only its last EVAL_STRIDE targets: every target with long context."""
+    L, stride, full = hp.eval_len, hp["EVAL_STRIDE"], val.full_tokens
+    loss, bpb, n, dt = timed(evaluate, ctx, fwd, val, L, stride, hp["EVAL_BATCH_SEQS"], desc="sliding eval")
+    ctx.log(f"final_sliding_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride} seq_len:{L} eval_seconds:{dt:.2f}")
+    ctx.log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full} "
+            f"full_split_estimate_s:{dt * (full - 1) / n:.1f}")
+    return dict(sliding_loss=loss, sliding_bpb=bpb)
+
+
+def ttt_score(hp: Config, ctx: Context, model: GPT, val: Validation) -> dict:
+    """Legal test-time training (TTT=chunk or doc) on `model`, which it changes: give it a fresh copy."""
+    if hp["TTT"] == "chunk":
+        loss, bpb, n, dt = timed(ttt_chunk, hp, ctx, model, eval_forward(model, ctx.compile), val)
+    else:
+        loss, bpb, n, dt = timed(ttt_doc, hp, ctx, model, val)
+    ctx.log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} protocol:{hp['TTT']} eval_seconds:{dt:.2f}")
+    est, full = dt * (val.full_tokens - 1) / n, val.full_tokens
+    ctx.log(f"ttt_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{full} full_split_estimate_s:{est:.1f} "
+            f"full_split_8gpu_estimate_s:{est * ctx.world / 8:.1f}")
+    return dict(ttt_loss=loss, ttt_bpb=bpb)
 
 
 def run(hp: Config, ctx: Context, run_id: str) -> dict:
-    """The submission, from configuration to score. Returns what it measured (and the models) for callers and tests."""
-    code_bytes = log_run_header(hp, ctx, run_id)
+    """The submission, from configuration to score; returns what it measured (and the models) to callers and tests."""
+    code_bytes = log_run_header(hp, ctx, run_id)                  # the script, versions, every setting
     torch.manual_seed(hp["SEED"])
     np.random.seed(hp["SEED"])
     path = hp["ARTIFACT"] or os.path.join(hp["LOG_DIR"], f"{run_id}.ptz")
     out = dict(run_id=run_id, artifact=path)
-    if hp["EVAL_ONLY"]:
-        ctx.log(f"eval_only artifact:{path} config:{json.dumps(read_artifact(path)[0]['config'], separators=(',', ':'))}")
-    val = load_validation(hp, ctx.device)
-    L = hp.eval_len
+    val = load_validation(hp, ctx.device)                         # validation tokens and their byte counts
     if not hp["EVAL_ONLY"]:
-        ts = train(hp, ctx, val, run_id)                          # model, loader: trained weights (EMA), data position
-        hessians = calibrate(hp, ctx, ts)                          # GPTQ input Hessians, inside the training cap
-        loss, bpb, _, _ = score(hp, ctx, eval_forward(ts.model, ctx.compile), val, L, "pre-quant eval")
-        ctx.log(f"pre_quant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        sizes = export(hp, ctx, ts.model, hessians, code_bytes, path)  # quantize, fit the cap, write the artifact
-        out |= sizes | dict(model=ts.model, hessians=hessians, steps=ts.step, train_ms=ts.elapsed_ms, qat_enabled=ts.model.sw.qat,
-                            model_params=sum(p.numel() for p in ts.model.parameters()), pre_quant_loss=loss, pre_quant_bpb=bpb)
-    rt, _, _ = load_artifact_model(path, ctx.device)              # round trip: every rank reads the file on disk
-    fwd = eval_forward(rt, ctx.compile)
-    loss, bpb, n, dt = score(hp, ctx, fwd, val, L, "roundtrip eval")
-    ctx.log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{n} eval_seconds:{dt:.2f}")
-    out |= dict(roundtrip_loss=loss, roundtrip_bpb=bpb, roundtrip_model=rt)
-    if 0 < hp["EVAL_STRIDE"] < L:                                 # sliding windows: every target with long context
-        loss, bpb, n, dt = score(hp, ctx, fwd, val, hp["EVAL_STRIDE"], "sliding eval")
-        ctx.log(f"final_sliding_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp['EVAL_STRIDE']} seq_len:{L} eval_seconds:{dt:.2f}")
-        ctx.log(f"sliding_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{val.full_tokens} "
-                f"full_split_estimate_s:{dt * (val.full_tokens - 1) / n:.1f}")
-        out |= dict(sliding_loss=loss, sliding_bpb=bpb)
-    if hp["TTT"] != "off":                                        # test-time training on a fresh copy of the artifact
-        model, _, _ = load_artifact_model(path, ctx.device)
-        t0 = time.perf_counter()
-        if hp["TTT"] == "chunk":
-            loss, bpb, n = ttt_chunk(hp, ctx, model, eval_forward(model, ctx.compile), val)
-        else:
-            loss, bpb, n = ttt_doc(hp, ctx, model, val)
-        dt = time.perf_counter() - t0
-        ctx.log(f"final_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} protocol:{hp['TTT']} eval_seconds:{dt:.2f}")
-        est = dt * (val.full_tokens - 1) / n
-        ctx.log(f"ttt_eval tokens:{n} tokens_per_s:{n / dt:.0f} full_split_tokens:{val.full_tokens} "
-                f"full_split_estimate_s:{est:.1f} full_split_8gpu_estimate_s:{est * ctx.world / 8:.1f}")
-        out |= dict(ttt_loss=loss, ttt_bpb=bpb)
+        ts = train(hp, ctx, val, run_id)                          # trained weights (EMA) and where the data stream is
+        hessians = calibrate(hp, ctx, ts)                         # GPTQ input Hessians, inside the training cap
+        out |= pre_quant_score(hp, ctx, ts.model, val)
+        out |= export(hp, ctx, ts.model, hessians, code_bytes, path)  # quantize, fit the cap, write the artifact
+        out |= dict(model=ts.model, hessians=hessians, steps=ts.step, train_ms=ts.elapsed_ms, qat_enabled=ts.model.sw.qat,
+                    model_params=sum(p.numel() for p in ts.model.parameters()))
+    rt, _, _ = load_artifact_model(path, ctx.device)             # round trip: every rank rebuilds it from the file
+    out["roundtrip_model"], fwd = rt, eval_forward(rt, ctx.compile)
+    out |= roundtrip_score(hp, ctx, fwd, val)
+    if 0 < hp["EVAL_STRIDE"] < hp.eval_len:
+        out |= sliding_score(hp, ctx, fwd, val)
+    if hp["TTT"] != "off":
+        out |= ttt_score(hp, ctx, load_artifact_model(path, ctx.device)[0], val)  # a fresh copy: TTT changes weights
     return out
 
 
 def main(env=None) -> dict:
-    """Join the ranks, resolve the configuration (under EVAL_ONLY with the artifact's architecture), open the log,
-    run(); a UserError is logged and re-raised."""
+    """Join the ranks, resolve the configuration, open the log, then (under EVAL_ONLY with the artifact's
+    architecture) run(); a UserError is logged and re-raised."""
     rank, world, device = start_distributed()
     hp = resolve_config(env, world)
-    if hp["EVAL_ONLY"]:
-        hp = resolve_config(env, world, stored_arch=read_artifact(hp["ARTIFACT"])[0]["config"])
     run_id = hp["RUN_ID"] or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
     if world > 1:
         box = [run_id]
@@ -1975,6 +2002,8 @@ def main(env=None) -> dict:
     ctx = Context(rank, world, device, amp_dtype(hp, device), use_compile, Logger(rank))
     ctx.on_rank0(lambda: ctx.log.open(os.path.join(hp["LOG_DIR"], f"{run_id}.txt")))
     try:
+        if hp["EVAL_ONLY"]:  # the architecture is the artifact's, whatever the environment says
+            hp = resolve_config(env, world, stored_arch=read_artifact(hp["ARTIFACT"])[0]["config"])
         return run(hp, ctx, run_id)
     except UserError as e:
         ctx.log(f"error: {e}", console=False)

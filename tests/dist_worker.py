@@ -22,7 +22,7 @@ if os.environ.get("CALIB_ONLY") == "1":
     torch.manual_seed(0)
     model = train_gpt.GPT(hp)
     loader = train_gpt.DistributedTokenLoader(train_gpt.shard_files(hp, "train"), rank, world, torch.device("cpu"))
-    hessians, _, _ = train_gpt.collect_hessians(train_gpt.Context(rank, world), model, hp, loader, None)
+    hessians, _, _ = train_gpt.collect_hessians(hp, train_gpt.Context(rank, world), model, loader, None)
     if world > 1:
         dist.destroy_process_group()
 else:

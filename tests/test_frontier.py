@@ -179,7 +179,7 @@ def test_warmdown_fraction_and_lr_floor():
 
 def test_embedding_weight_decay_is_separate():
     hp = T.parse_hparams({"SMOKE": "1", "EMBED_WD": "0.085", "ADAM_WD": "0.02"})
-    _, adam = T.build_optimizers(T.GPT(hp), hp, T.Context())
+    _, adam = T.build_optimizers(hp, T.Context(), T.GPT(hp))
     assert [g["weight_decay"] for g in adam.param_groups] == [0.085, 0.02]
 
 

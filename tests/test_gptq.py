@@ -129,7 +129,7 @@ def test_calibration_collects_the_inputs_of_every_quantized_matrix(sample_data):
     torch.manual_seed(0)
     model = T.GPT(hp)
     loader = T.DistributedTokenLoader(T.shard_files(hp, "train"), 0, 1, torch.device("cpu"))
-    H, batches, ms = T.collect_hessians(T.Context(), model, hp, loader, None)
+    H, batches, ms = T.collect_hessians(hp, T.Context(), model, loader, None)
     assert batches == 2 and ms > 0
     assert loader.stream.pos == 2 * hp["TRAIN_BATCH_TOKENS"], "it reads the next training batches, nothing else"
     expect = {n for n, p in model.state_dict().items() if n in T.quant_bits(model) and p.numel() > hp["QUANT_MIN_NUMEL"]}
@@ -149,7 +149,7 @@ def test_calibration_stops_after_one_batch_when_no_time_is_left(budget, want, sa
     hp = T.parse_hparams({"SMOKE": "1", "GPTQ_CALIB_BATCHES": "3"})
     model = T.GPT(hp)
     loader = T.DistributedTokenLoader(T.shard_files(hp, "train"), 0, 1, torch.device("cpu"))
-    _, batches, _ = T.collect_hessians(T.Context(), model, hp, loader, budget)
+    _, batches, _ = T.collect_hessians(hp, T.Context(), model, loader, budget)
     assert batches == want
 
 

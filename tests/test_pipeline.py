@@ -1,4 +1,6 @@
-"""Issue 2: the end-to-end pipeline, its artifact and its bad-input messages."""
+"""The end-to-end pipeline, its configuration, its artifact and its bad-input messages."""
+import copy
+import pickle
 import shutil
 import struct
 
@@ -247,3 +249,22 @@ def test_readme_documents_every_hyperparameter_and_ci_runs_its_test_command():
         assert f"`{name}`" in readme, name
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in readme
+
+
+def test_config_is_resolved_once_and_read_only(sample_data):
+    hp = T.resolve_config({"SMOKE": "1", "EVAL_SEQ_LEN": "64"})
+    assert hp.eval_len == 64 and hp.arch == {k: hp[k] for k in T.ARCH_KEYS} and hp.clips == [1.0, 0.98, 0.96, 0.93, 0.9]
+    for change in (lambda: hp.__setitem__("MATRIX_LR", 1.0), lambda: hp.update(MATRIX_LR=1.0), lambda: hp.pop("SEED"),
+                   lambda: setattr(hp, "eval_len", 1), lambda: hp.setdefault("NEW", 1)):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    assert hp["MATRIX_LR"] == 0.025 and hp.eval_len == 64
+    for twin in (copy.deepcopy(hp), pickle.loads(pickle.dumps(hp))):
+        assert twin == hp and type(twin) is T.Config and twin.eval_len == 64
+
+
+def test_eval_only_takes_the_architecture_from_the_artifact_and_ignores_training_schedules(sample_data):
+    stored = T.resolve_config({"SMOKE": "1", "LOOP_LAYERS": "1", "LOOP_REPEATS": "1", "LOOP_START": "0.4"}).arch
+    env = {"SMOKE": "1", "EVAL_ONLY": "1", "ARTIFACT": "x.ptz", "NUM_LAYERS": "9"}  # LOOP_START: the default, 2 values
+    hp = T.resolve_config(env, stored_arch=stored | {"LOOP_ACTIVE": 1})
+    assert hp["NUM_LAYERS"] == 4 and hp["LOOP_REPEATS"] == 1 and hp.loop_starts == []

@@ -141,7 +141,7 @@ def checkpoint(sample_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     hp = T.parse_hparams({k: str(v) for k, v in TINY.items()} | {"SMOKE": "1"})
     model = T.GPT(hp)
-    opts = T.build_optimizers(model, hp, T.Context())
+    opts = T.build_optimizers(hp, T.Context(), model)
     files = T.shard_files(hp, "train")
     loader = T.DistributedTokenLoader(files, 0, 1, torch.device("cpu"))
     for _ in range(2):
@@ -163,7 +163,7 @@ def test_checkpoint_round_trip_restores_the_whole_state(checkpoint):
     hp, files, path, model, opts, loader = checkpoint
     ck = T.load_checkpoint(str(path), T.checkpoint_config(hp, files))
     fresh = T.GPT(hp)
-    fopts = T.build_optimizers(fresh, hp, T.Context())
+    fopts = T.build_optimizers(hp, T.Context(), fresh)
     floader = T.DistributedTokenLoader(files, 0, 1, torch.device("cpu"))
     ema = [torch.zeros_like(p) for p in fresh.parameters()]
     ts = T.TrainState(fresh, fopts, ema, floader)
