@@ -745,7 +745,6 @@ class Switches:
     loops: int = 0  # extra passes through LOOP_LAYERS switched on (LOOP_START)
     qat: bool = False  # late QAT: matrices compute with their quantized weights (QAT_THRESHOLD)
     doc_mask: bool = False  # attention within documents (DOC_MASK; TTT=doc's windows hold one document: off there)
-    forecast: bool = False  # the artifact size forecast was logged (at the start of warmdown)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1217,13 +1216,14 @@ FREE_SETTINGS = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH",
 @dataclasses.dataclass
 class TrainState:
     """What the training loop advances: weights (and their runtime Switches), optimizers, EMA, data position, step
-    count and training milliseconds so far."""
+    count, training milliseconds so far, and whether the size forecast was logged."""
     model: GPT
     opts: list
     ema: list[Tensor] | None
     loader: DistributedTokenLoader
     step: int = 0
     elapsed_ms: float = 0.0
+    forecast_done: bool = False
 
 
 def checkpoint_config(hp, files) -> dict:
@@ -1248,6 +1248,7 @@ def save_checkpoint(ctx: Context, path: str, config: dict, ts: TrainState) -> No
 
     def go():
         state = dict(config=config, step=ts.step, elapsed_ms=ts.elapsed_ms, switches=dataclasses.asdict(ts.model.sw),
+                     forecast_done=ts.forecast_done,
                      loader=[ts.loader.stream.idx, ts.loader.stream.pos], rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state() if flat.is_cuda else None, model=ts.model.state_dict(),
                      ema=ts.ema, muon=flat, adam=ts.opts[1].state_dict())
@@ -1281,7 +1282,8 @@ def load_checkpoint(path: str, config: dict) -> dict:
 
 @torch.no_grad()
 def restore_checkpoint(ck: dict, ts: TrainState) -> None:
-    """Load a verified checkpoint into the live run: weights, Switches, optimizers, EMA, data position, RNG, step."""
+    """Load a verified checkpoint into the live run: weights, Switches, optimizers, EMA, data position, RNG, step,
+    training time and the forecast flag."""
     ts.model.load_state_dict(ck["model"])
     ts.model.switch(**ck["switches"])
     if ts.ema is not None:
@@ -1299,7 +1301,7 @@ def restore_checkpoint(ck: dict, ts: TrainState) -> None:
     torch.set_rng_state(ck["rng"])
     if ck["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ck["cuda_rng"])
-    ts.step, ts.elapsed_ms = ck["step"], ck["elapsed_ms"]
+    ts.step, ts.elapsed_ms, ts.forecast_done = ck["step"], ck["elapsed_ms"], ck["forecast_done"]
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -1392,8 +1394,8 @@ def update_switches(hp: Config, ctx: Context, ts: TrainState, mult: float) -> bo
     if not model.sw.qat and mult < hp["QAT_THRESHOLD"]:
         model.switch(qat=True)
         ctx.log(f"late_qat:enabled step:{ts.step} lr_mult:{mult:.3f}")
-    if not model.sw.forecast and mult < 1.0:
-        model.switch(forecast=True)
+    if not ts.forecast_done and mult < 1.0:
+        ts.forecast_done = True
         forecast(hp, ctx, model, ts.ema, ts.step)
     return changed
 

@@ -154,7 +154,7 @@ def checkpoint(sample_data, tmp_path_factory):
     lines = []
     model.switch(qat=True, loops=0)
     T.save_checkpoint(T.Context(log=lines.append), str(tmp / "run.ckpt"), T.checkpoint_config(hp, files),
-                      T.TrainState(model, opts, ema, loader, step=2, elapsed_ms=123.0))
+                      T.TrainState(model, opts, ema, loader, step=2, elapsed_ms=123.0, forecast_done=True))
     assert len(lines) == 1 and lines[0].startswith("checkpoint: step:2 ")
     return hp, files, tmp / "run.ckpt", model, opts, loader
 
@@ -168,7 +168,7 @@ def test_checkpoint_round_trip_restores_the_whole_state(checkpoint):
     ema = [torch.zeros_like(p) for p in fresh.parameters()]
     ts = T.TrainState(fresh, fopts, ema, floader)
     T.restore_checkpoint(ck, ts)
-    assert (ts.step, ts.elapsed_ms, fresh.sw) == (2, 123.0, T.Switches(qat=True))
+    assert (ts.step, ts.elapsed_ms, ts.forecast_done, fresh.sw) == (2, 123.0, True, T.Switches(qat=True))
     assert all(m.qat.item() for _, m in fresh.linears())  # the QAT flag reached every matrix
     for (k, a), b, e in zip(model.state_dict().items(), fresh.state_dict().values(), ema):
         assert torch.equal(a, b) and torch.equal(a, e), k
