@@ -74,3 +74,16 @@ def smoke(sample_data, tmp_path_factory):
             (tmp / "stdout.txt").write_text(out)
     return dict(dir=tmp, log=(tmp / "run.txt").read_text(encoding="utf-8"), stdout=(tmp / "stdout.txt").read_text(),
                 artifact=tmp / "run.ptz")
+
+
+SHORT = {"ITERATIONS": 6, "VAL_MAX_TOKENS": 4096}  # SMOKE, 6 steps, scored on 4,096 tokens
+
+
+@pytest.fixture(scope="session")
+def short_run(sample_data, tmp_path_factory):
+    """One real 6-step SMOKE run (SHORT), for the tests that need a whole run's log and artifact, not a trained model."""
+    with once(tmp_path_factory, "short") as (tmp, first):
+        if first:
+            rc, _, err, _ = run_script(SHORT, tmp)
+            assert rc == 0, err[-3000:]
+    return dict(dir=tmp, log=(tmp / "run.txt").read_text(encoding="utf-8"), artifact=tmp / "run.ptz")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import run_script
+from conftest import SHORT, run_script
 
 
 def small_hp(**kw):
@@ -117,13 +117,12 @@ def test_qat_from_start_matches_roundtrip(sample_data, monkeypatch, tmp_path):
     assert "late_qat:enabled step:0" in (tmp_path / "qat.txt").read_text()
 
 
-def test_size_limit_just_below_natural_size_is_met_by_budget_fit(sample_data, tmp_path):
-    short = {"ITERATIONS": 6, "VAL_MAX_TOKENS": 4096, "EVAL_STRIDE": 0}  # the fit does not depend on how long it trained
-    rc, _, err, log = run_script(short, tmp_path / "natural")
-    assert rc == 0, err[-2000:]
+def test_size_limit_just_below_natural_size_is_met_by_budget_fit(short_run, tmp_path):
+    """A short run (the fit does not depend on how long the model trained) again, 2,000 bytes under its natural size."""
+    log = short_run["log"]
     natural = int(next(l for l in log.splitlines() if l.startswith("total_submission_bytes:")).split()[0].split(":")[1])
     limit = natural - 2000
-    rc, _, err, log = run_script(short | {"SIZE_LIMIT_BYTES": limit}, tmp_path / "fit")
+    rc, _, err, log = run_script(SHORT | {"SIZE_LIMIT_BYTES": limit}, tmp_path)
     assert rc == 0, err[-2000:]
     fit = [l for l in log.splitlines() if l.startswith("budget_fit:")]
     assert len(fit) == 1 and "bytes_before:" in fit[0] and "bytes_after:" in fit[0]

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, metric, once, run_script
+from conftest import ROOT, SHORT, metric, once, run_script
 from tools import check_record, inspect_artifact, make_record, pack_code, plot_log, significance
 from data.common import UserError
 from tools.logparse import Log
@@ -340,22 +340,22 @@ def test_plot_log_without_matplotlib_says_so(run, tmp_path):
 # ----------------------------------------------------------------------------- packed script
 @pytest.fixture(scope="module")
 def packed(run, tmp_path_factory):
-    """The logged script packed, and one SMOKE run of the packed file with the shared run's settings."""
+    """The logged script packed, and one run of the packed file with the shared short run's settings (SHORT)."""
     plain = Log(str(run["log"])).code
     with once(tmp_path_factory, "packed") as (d, first):
         if first:
             (d / "train_gpt.py").write_bytes(pack_code.pack(plain))
-            rc, out, err, log = run_script({}, d, script=str(d / "train_gpt.py"))
+            rc, out, err, log = run_script(SHORT, d, script=str(d / "train_gpt.py"))
             assert rc == 0, err[-3000:]
     return dict(dir=d, plain=plain, script=d / "train_gpt.py", log=(d / "run.txt").read_text(encoding="utf-8"))
 
 
-def test_packed_script_is_smaller_and_scores_identically(packed, smoke):
+def test_packed_script_is_smaller_and_scores_identically(packed, short_run):
     code = packed["script"].read_bytes()
     assert len(code) < 0.5 * len(packed["plain"]) and pack_code.unpack(code) == packed["plain"]
     for line in ("final_roundtrip_exact", "final_sliding_exact", "pre_quant_exact"):
         for key in ("val_loss", "val_bpb"):
-            assert metric(packed["log"], line, key) == metric(smoke["log"], line, key), (line, key)
+            assert metric(packed["log"], line, key) == metric(short_run["log"], line, key), (line, key)
     lg = Log(str(packed["dir"] / "run.txt"))  # the packed run logs and counts the packed file: what ships
     assert lg.code == code and lg.logged_code_bytes == len(code) and lg.logged_total == lg.artifact_bytes + len(code)
 
