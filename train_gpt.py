@@ -124,12 +124,17 @@ HPARAMS = [
     ("QUANT_SCALE", "search", "per-row scales: search (QUANT_CLIPS candidates, least error wins) or sdclip (SDCLIP_K * row std)"),
     ("QUANT_CLIPS", "1.0,0.98,0.96,0.93,0.9", "per-row clip candidates (fractions of the row max); least error (H-weighted under gptq) wins"),
     ("SDCLIP_K", 12.85, "sdclip: int5/int6 scale = k * std(row) / qmax; larger k, fewer levels, smaller artifact"),
-    ("SDCLIP_K_EMBED", 20.0, "sdclip: the same k for the int8 embedding tables"),
+    ("SDCLIP_K_EMBED", 20.0, "sdclip: the same k for the embedding tables"),
+    ("SDCLIP_LAMBDA", 0.0, "sdclip under gptq: row clip x (1 + lambda (r - 1)), r = the row's abs(w) . diag H over its mean: wider clips for rows that feed on busy inputs"),
     ("GPTQ_CALIB_BATCHES", 16, "gptq: training batches run through the exported weights to collect each matrix's input Hessian"),
     ("GPTQ_RESERVE_SECONDS", 4.0, "gptq: end training this much before MAX_WALLCLOCK_SECONDS so calibration fits the cap"),
     ("GPTQ_DAMP", 0.01, "gptq: add this fraction of mean(diag H) to diag H: keeps the Cholesky stable"),
     ("QUANT_MIN_NUMEL", 65536, "matrices with at most this many values stay fp16"),
-    ("EMBED_FP16", 0, "ship the tied embedding in fp16, not int8: it is also the output layer, the costliest to round"),
+    ("EMBED_BITS", 8, "bits of the tied embedding's rows (6-8; 16 = fp16): it is also the output layer, the costliest to round"),
+    ("SMALL_BITS", 16, "matrices under QUANT_MIN_NUMEL (skip weights, gates): 8 = int8 rows (half the bytes), 16 = fp16"),
+    ("LQER_RANK", 0, "LQER: add a rank-N correction of the quantization error to the LQER_TOP worst matrices (0 = off)"),
+    ("LQER_TOP", 3, "LQER: how many matrices, by output error tr(E H E^T), get a correction"),
+    ("LQER_BITS", 4, "LQER: bits of the correction's factors (asymmetric, per row, 2-7)"),
     ("SIZE_LIMIT_BYTES", LIMIT_BYTES, "cap on code + artifact bytes; the exporter shrinks the artifact to fit"),
     # evaluation
     ("VAL_MAX_TOKENS", 0, "evaluate on this many validation tokens (0 = whole split)"),
@@ -164,7 +169,7 @@ PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
                      MLP_MULT=4, MLP_ACT="leaky2", ROPE_BASE=10000.0, XSA_LAST_N=11, SMEAR_GATE=0, BIGRAM_VOCAB_SIZE=0,
                      VE_LAYERS="", SKIP_GATES=1, PARALLEL_FROM=7, LOOP_LAYERS="4,5", LOOP_REPEATS=2, LOOP_START="0.5,0.65",
                      QK_GAIN_INIT=4.0, MUON_ROW_NORM=1, MUON_WD=0.085, EMBED_WD=0.085, ADAM_WD=0.02, MATRIX_LR=0.02,
-                     SCALAR_LR=0.02, EMBED_LR=0.03, WARMDOWN_FRAC=0.667, QUANT_SCALE="sdclip"),
+                     SCALAR_LR=0.02, EMBED_LR=0.03, WARMDOWN_FRAC=0.667, QUANT_SCALE="sdclip", SDCLIP_LAMBDA=0.175),
 }
 SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_sample.py), seconds end to end
     DATA_PATH="./data/datasets/stdlib_sp1024", TOKENIZER_PATH="./data/tokenizers/stdlib_1024_bpe.model",
@@ -177,7 +182,8 @@ SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2
 CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
            "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
            "COMPILE": (-1, 0, 1), **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK",
-                                                        "MUON_ROW_NORM", "EMBED_FP16")}}
+                                                        "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16),
+           "SMALL_BITS": (8, 16)}
 POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
             "ITERATIONS", "SDCLIP_K", "SDCLIP_K_EMBED", "GPTQ_CALIB_BATCHES", "GPTQ_DAMP", "TTT_CHUNK_TOKENS", "TTT_LR",
             "TTT_EPOCHS", "TTT_DOC_CHUNK", "TTT_LORA_RANK", "TTT_LORA_LR", "TTT_DOC_BATCH", "TTT_DOC_PHASES")
@@ -287,6 +293,10 @@ def check_hparams(hp: dict, world: int) -> None:
         need(0 <= hp[k] < 1, f"{k}={hp[k]} must be in [0, 1)")
     need(0 <= hp["QAT_THRESHOLD"] <= 1, f"QAT_THRESHOLD={hp['QAT_THRESHOLD']} must be in [0, 1]")
     need(hp["GPTQ_RESERVE_SECONDS"] >= 0, "GPTQ_RESERVE_SECONDS must be non-negative")
+    need(0 <= hp["SDCLIP_LAMBDA"] <= 1, f"SDCLIP_LAMBDA={hp['SDCLIP_LAMBDA']} must be in [0, 1]")
+    need(not hp["LQER_RANK"] or hp["QUANT_METHOD"] == "gptq", "LQER_RANK needs QUANT_METHOD=gptq: it weighs errors by the GPTQ Hessians")
+    need(hp["LQER_RANK"] >= 0 and hp["LQER_TOP"] >= 0 and 2 <= hp["LQER_BITS"] <= 7,
+         "LQER_RANK and LQER_TOP must be non-negative and LQER_BITS in 2..7")
     need(hp["RESUME"] != "auto" or hp["RUN_ID"], "RESUME=auto needs RUN_ID=name: it resumes LOG_DIR/RUN_ID.ckpt")
     if hp["EVAL_ONLY"]:
         need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
@@ -600,10 +610,12 @@ def fp16_round(x: Tensor) -> Tensor:
     return ((i + 0xFFF + ((i >> 13) & 1)) & -0x2000).view(torch.float32)
 
 
-def row_scales(w: Tensor, bits: int, cands: list[float], stat: str = "amax") -> Tensor:
-    """Candidate per-row scales (C, rows, 1), exactly the fp16 values that ship: c * (row max |w| or row std) / qmax."""
+def row_scales(w: Tensor, bits: int, cands: list[float], stat: str = "amax", mult: Tensor | None = None) -> Tensor:
+    """Candidate per-row scales (C, rows, 1), exactly the fp16 values that ship: c * (row max |w| or row std) / qmax,
+    times a per-row factor `mult` if given (Hessian-aware SDClip)."""
     qmax = 2 ** (bits - 1) - 1
     r = w.abs().amax(dim=1, keepdim=True) if stat == "amax" else w.std(dim=1, keepdim=True)
+    r = r if mult is None else r * mult.view(-1, 1)
     c = torch.tensor(cands, dtype=torch.float32, device=w.device).view(-1, 1, 1)
     return fp16_round((r * c / qmax).clamp_min(SCALE_FLOOR))
 
@@ -635,25 +647,32 @@ def fake_quant(w: Tensor, bits: int, spec: tuple[str, list[float]], on: Tensor) 
     return torch.where(on, w + (dq - w).detach(), w)
 
 
-def quant_spec(hp: Config, bits: int) -> tuple[str, list[float]]:
-    """How a `bits`-bit matrix gets its per-row scale candidates: ("amax", clips) = fractions of the row max,
-    ("std", [k]) = SDClip, k standard deviations of the row."""
+def quant_spec(hp: Config, table: bool) -> tuple[str, list[float]]:
+    """How a matrix (or, `table`, an embedding table) gets its per-row scale candidates: ("amax", clips) = fractions of
+    the row max, ("std", [k]) = SDClip, k standard deviations of the row."""
     if hp["QUANT_SCALE"] == "sdclip":
-        return "std", [hp["SDCLIP_K_EMBED"] if bits == 8 else hp["SDCLIP_K"]]
+        return "std", [hp["SDCLIP_K_EMBED"] if table else hp["SDCLIP_K"]]
     return "amax", hp.clips
 
 
+def sdclip_rows(w: Tensor, H: Tensor, lam: float) -> Tensor:
+    """Hessian-aware SDClip's per-row factor 1 + lam (r_i - 1), r_i = sum_j |w_ij| H_jj normalized to mean 1: rows
+    that feed heavily used inputs get a wider clip (fewer clipped values), the others a finer grid."""
+    r = (w.abs().float() @ H.diagonal().float().clamp_min(0)).view(-1)
+    return 1 + lam * (r / r.mean().clamp_min(1e-30) - 1)
+
+
 def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax", *, damp: float = 0.01,
-         act_order: bool = True, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+         act_order: bool = True, block: int = 128, mult: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ: quantize w (rows x cols) column by column, pushing each column's rounding error onto the columns not yet
     quantized through the Cholesky factor of H^-1, H = sum of X^T X over the layer's inputs (damped by damp * mean
     diag H; columns in decreasing diag H order with act_order). Rows are independent given H, so every candidate
     scale of every row (row_scales) runs at once, and per row the candidate with the least output error
-    (w - w_hat) H (w - w_hat)^T wins. Same return as quantize_rows; with H = identity it gives quantize_rows'
-    symbols exactly."""
+    (w - w_hat) H (w - w_hat)^T wins. `mult`: row_scales' per-row factor. Same return as quantize_rows; with
+    H = identity it gives quantize_rows' symbols exactly."""
     qmax, (rows, cols) = 2 ** (bits - 1) - 1, w.shape
     w = w.detach().float()
-    scale = row_scales(w, bits, cands, stat)
+    scale = row_scales(w, bits, cands, stat, mult)
     C = scale.size(0)
     S = scale.reshape(C * rows, 1)
     Hd = H.detach().double().clone()
@@ -691,30 +710,36 @@ def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax"
     return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
 
 
-def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None) -> dict:
+def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None, table: bool = False) -> dict:
     """An entry's int scheme, symbols, fp16 scales, mean chosen scale candidate and reconstruction MSE: GPTQ when
-    QUANT_METHOD=gptq and the matrix has a Hessian (tables that are only looked up have none), else RTN."""
-    stat, cands = quant_spec(hp, bits)
+    QUANT_METHOD=gptq and the matrix has a Hessian (tables that are only looked up have none; SDCLIP_LAMBDA applies
+    there), else RTN."""
+    stat, cands = quant_spec(hp, table)
     if H is not None and hp["QUANT_METHOD"] == "gptq":
-        q, s, best = gptq(t, H, bits, cands, stat, damp=hp["GPTQ_DAMP"])
+        mult = sdclip_rows(t, H, hp["SDCLIP_LAMBDA"]) if stat == "std" and hp["SDCLIP_LAMBDA"] else None
+        q, s, best = gptq(t, H, bits, cands, stat, damp=hp["GPTQ_DAMP"], mult=mult)
     else:
         q, s, best = quantize_rows(t, bits, cands, stat)
     mse = float((q.float() * s.float()[:, None] - t.float()).square().mean())
     return dict(scheme=f"int{bits}", q=q, scale=s, clip=float(torch.tensor(cands)[best.cpu()].mean()), mse=mse)
 
 
-def quantize_state(state: dict[str, Tensor], bits: dict[str, int], hp: Config, hessians: dict | None = None
+def quantize_state(state: dict[str, Tensor], kinds: dict[str, tuple[int, bool]], hp: Config, hessians: dict | None = None
                    ) -> tuple[list[dict], dict[str, Tensor]]:
-    """Per tensor: int6/int8 rows for matrices/tables over QUANT_MIN_NUMEL values (scheme from the module), fp16 for
-    smaller matrices, fp32 for vectors and controls. Returns entries (meta + arrays) and the float originals of the
-    quantized tensors (for the budget fit)."""
+    """Per tensor: intN rows for matrices/tables over QUANT_MIN_NUMEL values (kinds: name -> (bits, is a table), from
+    the modules), int8 rows (RTN) for smaller matrices with SMALL_BITS=8, else fp16, fp32 for vectors and controls.
+    Returns entries (meta + arrays) and the float originals of the quantized tensors (for LQER and the budget fit)."""
     entries, originals, hessians = [], {}, hessians or {}
     for name, t in state.items():
         t = t.detach()
         e = dict(name=name, shape=list(t.shape))
-        if name in bits and t.numel() > hp["QUANT_MIN_NUMEL"]:
-            e.update(quant_fields(t, bits[name], hp, hessians.get(name)))
+        if name in kinds and t.numel() > hp["QUANT_MIN_NUMEL"]:
+            bits, table = kinds[name]
+            e.update(quant_fields(t, bits, hp, hessians.get(name), table))
             originals[name] = t.float()
+        elif t.ndim == 2 and hp["SMALL_BITS"] == 8:
+            q, s, _ = quantize_rows(t, 8, [1.0])
+            e.update(scheme="int8", q=q, scale=s)
         else:
             e.update(scheme="fp16" if t.ndim == 2 else "fp32", data=t.to(torch.float16 if t.ndim == 2 else torch.float32))
         entries.append(e)
@@ -733,6 +758,64 @@ def entropy_bytes(entries: list[dict]) -> int:
         else:
             total += e["data"].numel() * e["data"].element_size()
     return int(total)
+
+
+def quantize_asym(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric per-row rounding to 0..2^bits-1: x ~ q * scale + zero, with fp16 scale and zero (LQER's factors)."""
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+    s, z = ((hi - lo) / (2 ** bits - 1)).clamp_min(SCALE_FLOOR).half(), lo.half()
+    q = torch.clamp(torch.round((x - z.float()[:, None]) / s.float()[:, None]), 0, 2 ** bits - 1)
+    return q.to(torch.int8), s, z
+
+
+def dequant_asym(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    return q.float() * s.float()[:, None] + z.float()[:, None]
+
+
+def output_error(E: Tensor, H: Tensor) -> float:
+    """tr(E H E^T): the squared output error summed over the calibration inputs, E = w - w_hat."""
+    return float(((E.double() @ H.double()) * E.double()).sum())
+
+
+def lqer_fields(w: Tensor, e: dict, H: Tensor, hp: Config) -> dict | None:
+    """LQER: the rank-LQER_RANK A B closest to the quantization error E = w - w_hat in output error, i.e. minimizing
+    ||(E - A B) L|| with H = L L^T (damped as in GPTQ): the truncated SVD of E L, mapped back through L^-1. Both
+    factors ship asymmetric per row at LQER_BITS; None if the damped H is not positive definite."""
+    E = (w.float() - e["q"].float() * e["scale"].float()[:, None]).double()
+    Hd = H.double().clone()
+    Hd.diagonal().add_((Hd.diagonal() == 0).double() + hp["GPTQ_DAMP"] * float(Hd.diagonal().mean()))
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if info:
+        return None
+    U, S, Vh = torch.linalg.svd(E @ L, full_matrices=False)
+    r = min(hp["LQER_RANK"], S.numel())
+    A = U[:, :r] * S[:r].sqrt()
+    Bt = torch.linalg.solve_triangular(L.T, Vh[:r].T * S[:r].sqrt(), upper=True)  # B = S^1/2 Vh L^-1
+    (la, la_s, la_z), (lb, lb_s, lb_z) = quantize_asym(A.float(), hp["LQER_BITS"]), quantize_asym(Bt.T.float(), hp["LQER_BITS"])
+    return dict(lqer=r, la=la, la_s=la_s, la_z=la_z, lb=lb, lb_s=lb_s, lb_z=lb_z)
+
+
+def lqer_product(e: dict) -> Tensor:
+    return dequant_asym(e["la"], e["la_s"], e["la_z"]) @ dequant_asym(e["lb"], e["lb_s"], e["lb_z"])
+
+
+def add_lqer(entries: list[dict], originals: dict[str, Tensor], hessians: dict[str, Tensor], hp: Config) -> str:
+    """Give the LQER_TOP quantized matrices with the largest output error (those with a Hessian) an LQER correction,
+    kept only where it lowers that error; returns the log line."""
+    def err(e, corr=0.0):
+        return output_error(originals[e["name"]] - e["q"].float() * e["scale"].float()[:, None] - corr, hessians[e["name"]])
+    cands = sorted(((err(e), i) for i, e in enumerate(entries) if e["name"] in originals and e["name"] in hessians),
+                   key=lambda c: (-c[0], c[1]))[:hp["LQER_TOP"]]
+    done = []
+    for before, i in cands:
+        e = entries[i]
+        f = lqer_fields(originals[e["name"]], e, hessians[e["name"]], hp)
+        after = err(e, lqer_product(f)) if f else before
+        if after < before:
+            entries[i] = e | f
+            done.append(f"{e['name']}:{before:.4g}->{after:.4g}")
+    return f"lqer: rank:{hp['LQER_RANK']} bits:{hp['LQER_BITS']} corrected {len(done)} of {len(cands)} (output error " \
+           f"tr(E H E^T) before->after): {' '.join(done) or '-'}"
 
 
 # ----------------------------------------------------------------------------- model
@@ -943,7 +1026,7 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, QLinear):
                 ships = hp is not None and m.bits < 16 and m.weight.numel() > hp["QUANT_MIN_NUMEL"]
-                m.qspec = quant_spec(hp, m.bits) if ships else None
+                m.qspec = quant_spec(hp, isinstance(m, QEmbedding)) if ships else None
 
     def switch(self, **changes) -> None:
         """Set Switches fields; the QAT flag also goes into every matrix's `qat` buffer."""
@@ -997,8 +1080,10 @@ class GPT(nn.Module):
 
 
 
-def quant_bits(model: GPT) -> dict[str, int]:
-    return {f"{n}.weight": m.bits for n, m in model.named_modules() if isinstance(m, QLinear) and m.bits < 16}
+def quant_kinds(model: GPT) -> dict[str, tuple[int, bool]]:
+    """name -> (bits, is an embedding table) of every weight that ships as integers."""
+    return {f"{n}.weight": (m.bits, isinstance(m, QEmbedding)) for n, m in model.named_modules()
+            if isinstance(m, QLinear) and m.bits < 16}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -1224,6 +1309,7 @@ class TrainState:
     step: int = 0
     elapsed_ms: float = 0.0
     forecast_done: bool = False
+    size_forecast: object = None  # forecast()'s Future of the packed size (rank 0; not checkpointed)
 
 
 def checkpoint_config(hp, files) -> dict:
@@ -1309,7 +1395,7 @@ def restore_checkpoint(ck: dict, ts: TrainState) -> None:
 # loop depth and late-QAT switches, size forecast, checkpoints, SIGTERM) and the EMA weights at the end.
 def build_model(hp: Config, ctx: Context):
     """The model to train (log: parameter count and features), and what steps it: compiled, wrapped in DDP."""
-    model = GPT(hp.arch, embed_bits=16 if hp["EMBED_FP16"] else 8).to(ctx.device)
+    model = GPT(hp.arch, embed_bits=hp["EMBED_BITS"]).to(ctx.device)
     ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     model.set_qat(hp if hp["QAT_THRESHOLD"] > 0 else None)
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
@@ -1369,16 +1455,28 @@ def warm_up(hp: Config, ctx: Context, model: GPT, opts, step_fn, files) -> None:
     ctx.log(f"warmup_steps:{hp['WARMUP_STEPS']} done (weights and optimizer state restored)")
 
 
-def forecast(hp: Config, ctx: Context, model: GPT, ema, step: int) -> None:
-    """At the start of warmdown, forecast the artifact size from the current (EMA) weights."""
+def forecast(hp: Config, ctx: Context, model: GPT, ema, step: int):
+    """At the start of warmdown: the submission size of the current (EMA) weights rounded to nearest (GPTQ needs the
+    final Hessians), packed by the artifact's own Packer in a background thread while training goes on (the codecs
+    release the GIL). Returns a Future of the size on rank 0; export logs its error against the final size."""
     def go():
+        from concurrent.futures import ThreadPoolExecutor
         names = [n for n, _ in model.named_parameters()]
         state = dict(zip(names, ema)) if ema is not None else model.state_dict()
-        entries, _ = quantize_state(state, quant_bits(model), hp)
-        code = len(read_file(os.path.abspath(__file__), "script"))
-        ctx.log(f"size_forecast:{entropy_bytes(entries) + code} limit:{hp['SIZE_LIMIT_BYTES']} step:{step} "
-                "(order-0 entropy of the quantized weights + code bytes)")
-    ctx.on_rank0(go)
+        entries, _ = quantize_state(state, quant_kinds(model), hp)
+        entries = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in e.items()} for e in entries]
+        code, config = len(read_file(os.path.abspath(__file__), "script")), model.stored_config()
+
+        def job():
+            size = len(Packer(max(1, (os.cpu_count() or 1) // (2 * ctx.world)))(entries, config)) + code
+            ctx.log(f"size_forecast:{size} limit:{hp['SIZE_LIMIT_BYTES']} step:{step} (the weights of this step rounded "
+                    "to nearest and packed, + code bytes)")
+            return size
+        pool = ThreadPoolExecutor(1)
+        future = pool.submit(job)
+        pool.shutdown(wait=False)
+        return future
+    return ctx.on_rank0(go)
 
 
 def update_switches(hp: Config, ctx: Context, ts: TrainState, mult: float) -> bool:
@@ -1396,7 +1494,7 @@ def update_switches(hp: Config, ctx: Context, ts: TrainState, mult: float) -> bo
         ctx.log(f"late_qat:enabled step:{ts.step} lr_mult:{mult:.3f}")
     if not ts.forecast_done and mult < 1.0:
         ts.forecast_done = True
-        forecast(hp, ctx, model, ts.ema, ts.step)
+        ts.size_forecast = forecast(hp, ctx, model, ts.ema, ts.step)
     return changed
 
 
@@ -1507,7 +1605,7 @@ def collect_hessians(hp: Config, ctx: Context, model: GPT, loader, budget_ms: fl
     bit-identical H. Stops early (after at least one batch) when the next batch would pass budget_ms (None = no
     cap). Returns (H by parameter name, batches, milliseconds including the final all-reduce)."""
     accum, L, B, device = hp["MICRO_BATCHES"] // ctx.world, hp["TRAIN_SEQ_LEN"], hp["TRAIN_BATCH_TOKENS"], ctx.device
-    bits, big = quant_bits(model), lambda p: p.numel() > hp["QUANT_MIN_NUMEL"]
+    bits, big = quant_kinds(model), lambda p: p.numel() > hp["QUANT_MIN_NUMEL"]
     targets = {m: (f"{n}.weight", m.weight.size(1)) for n, m in model.linears() if f"{n}.weight" in bits and big(m.weight)}
     if "tok_emb.weight" in bits and big(model.tok_emb.weight):
         targets[model.final_norm] = ("tok_emb.weight", model.tok_emb.weight.size(1))
@@ -1569,83 +1667,198 @@ def calibrate(hp: Config, ctx: Context, ts: TrainState) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------- artifact
-# The file that ships: magic + zstd-22(JSON metadata, raw arrays, sha256), written atomically by rank 0, shrunk to
-# fit SIZE_LIMIT_BYTES if needed (zero int6 +-1 values, else int5 matrices), read back on every rank.
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ\x01", 3  # file = magic + zstd(u32 meta length, JSON meta, raw arrays)
+# The file that ships: magic, a compressed JSON header, then one compressed blob per group of arrays of one role (all
+# layers' query matrices, all MLP down-projections, the tied embedding, the fp16 scales, ...), each laid out and
+# compressed in whichever way measures smallest. Written atomically by rank 0, shrunk to fit SIZE_LIMIT_BYTES if
+# needed (zero int6 +-1 values, else int5 matrices), read back on every rank.
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ", 4  # file = magic, version byte, header codec byte, u32 header size, header, blobs
+CODECS = ("zstd", "brotli", "lzma")  # zstd-22; brotli-11 (window 2^24); lzma (xz preset 9e, raw stream)
+LAYOUTS = {"int": ("rows", "cols"), "float": ("rows", "planes")}  # cols: each matrix transposed; planes: byte planes
+NP_DTYPES = {torch.int8: np.int8, torch.float16: np.float16, torch.float32: np.float32}
 
 
-def _arrays(e):
-    return [e["q"], e["scale"]] if "q" in e else [e["data"]]
+def compress(codec: str, raw: bytes) -> bytes:
+    if codec == "zstd":
+        import zstandard
+        return zstandard.ZstdCompressor(level=22, write_content_size=False).compress(raw)
+    if codec == "brotli":
+        import brotli
+        return brotli.compress(raw, quality=11, lgwin=24)
+    import lzma
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+
+
+def decompress(codec: str, blob: bytes, size: int) -> bytes:
+    """Inverse of compress; `size` is the exact raw size (an error if the stream says otherwise)."""
+    if codec == "zstd":
+        import zstandard
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
+    elif codec == "brotli":
+        import brotli
+        raw = brotli.decompress(blob)
+    else:
+        import lzma
+        raw = lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    if len(raw) != size:
+        raise ValueError("size mismatch")
+    return raw
+
+
+def array_specs(m: dict) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """The arrays an entry ships, key -> (dtype, shape), from its metadata alone: symbols and scales (and LQER's
+    factors) of an intN entry, else the fp16/fp32 data."""
+    shape = m["shape"]
+    if not m["scheme"].startswith("int"):
+        return {"data": (torch.float16 if m["scheme"] == "fp16" else torch.float32, shape)}
+    specs = {"q": (torch.int8, shape), "scale": (torch.float16, shape[:1])}
+    if "lqer" in m:
+        r, h = m["lqer"], torch.float16
+        specs |= {"la": (torch.int8, [shape[0], r]), "la_s": (h, shape[:1]), "la_z": (h, shape[:1]),
+                  "lb": (torch.int8, [r, shape[1]]), "lb_s": (h, [r]), "lb_z": (h, [r])}
+    return specs
+
+
+def group_of(m: dict, key: str, dtype: torch.dtype) -> str:
+    """Arrays of one role share a group: the symbols of one matrix kind over all layers (layer numbers dropped), LQER
+    factors, then one group per float type (scales, small matrices, vectors)."""
+    if key == "q":
+        return f"{m['scheme']}:{'.'.join(p for p in m['name'].split('.') if not p.isdigit())}"
+    return "lqer" if key in ("la", "lb") else str(dtype).removeprefix("torch.")
+
+
+def group_bytes(arrays: list[Tensor], layout: str) -> bytes:
+    parts = [a.detach().cpu().numpy() for a in arrays]
+    raw = b"".join((p.T if layout == "cols" and p.ndim == 2 else p).tobytes() for p in parts)
+    if layout == "planes":  # all first bytes of each value, then all second bytes, ...
+        raw = np.frombuffer(raw, np.uint8).reshape(-1, parts[0].itemsize).T.tobytes()
+    return raw
+
+
+def group_arrays(raw: bytes, specs: list[tuple[torch.dtype, list[int]]], layout: str) -> list[Tensor]:
+    """Inverse of group_bytes, given the arrays' (dtype, shape)."""
+    if layout == "planes":
+        raw = np.frombuffer(raw, np.uint8).reshape(torch.empty((), dtype=specs[0][0]).element_size(), -1).T.tobytes()
+    out, off = [], 0
+    for dt, shape in specs:
+        n = math.prod(shape)
+        a = np.frombuffer(raw, NP_DTYPES[dt], count=n, offset=off)
+        a = a.reshape(shape[::-1]).T if layout == "cols" and len(shape) == 2 else a.reshape(shape)
+        out.append(torch.from_numpy(np.array(a)))  # a writable copy
+        off += a.nbytes
+    return out
+
+
+class Packer:
+    """Writes entries into the artifact format. Each group is tried in each of its layouts with each codec, in
+    parallel threads (the codecs release the GIL), and the smallest wins (ties: the first in LAYOUTS x CODECS order).
+    The choices and the compressed blobs are remembered: the budget fit's repacks keep each group's choice and
+    recompress only the groups that changed."""
+
+    def __init__(self, workers: int | None = None):
+        self.plan, self.blobs, self.workers = {}, {}, workers or os.cpu_count() or 1
+        self.seconds = dict(layout=0.0, compress=0.0)
+
+    def __call__(self, entries: list[dict], config: dict) -> bytes:
+        from concurrent.futures import ThreadPoolExecutor
+        metas, members = [], {}
+        for i, e in enumerate(entries):
+            m = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in e.items() if not torch.is_tensor(v)}
+            for key, (dt, _) in array_specs(m).items():
+                members.setdefault(group_of(m, key, dt), []).append((i, key))
+            metas.append(m)
+        cands, raws, jobs, t0 = {}, {}, {}, time.perf_counter()
+        for g, mem in sorted(members.items()):
+            arrays = [entries[i][k] for i, k in mem]
+            kind = "int" if arrays[0].dtype == torch.int8 else "float"
+            cands[g] = [self.plan[g]] if g in self.plan else [(lay, c) for lay in LAYOUTS[kind] for c in CODECS]
+            for lay in dict.fromkeys(lay for lay, _ in cands[g]):
+                raw = group_bytes(arrays, lay)
+                raws[g, lay] = raw, hashlib.sha256(raw).digest()
+            jobs |= {(lay, c, raws[g, lay][1]): raws[g, lay][0] for lay, c in cands[g] if (lay, c, raws[g, lay][1]) not in self.blobs}
+        t1 = time.perf_counter()
+        with ThreadPoolExecutor(max(1, min(self.workers, len(jobs)))) as pool:
+            self.blobs |= dict(zip(jobs, pool.map(lambda k: compress(k[1], jobs[k]), jobs)))
+        self.seconds["layout"] += t1 - t0
+        self.seconds["compress"] += time.perf_counter() - t1
+        groups, chunks, check = [], [], hashlib.sha256()
+        for g, mem in sorted(members.items()):
+            self.plan[g] = lay, c = min(cands[g], key=lambda lc: len(self.blobs[lc[0], lc[1], raws[g, lc[0]][1]]))
+            chunks.append(self.blobs[lay, c, raws[g, lay][1]])
+            check.update(raws[g, lay][0])
+            groups.append([g, lay, c, len(chunks[-1]), [list(x) for x in mem]])
+        header = json.dumps(dict(config=config, tensors=metas, groups=groups, sha256=check.hexdigest()),
+                            separators=(",", ":")).encode()
+        c, hblob = min(((c, compress(c, header)) for c in CODECS), key=lambda x: len(x[1]))
+        return (ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION, CODECS.index(c)]) + struct.pack("<II", len(hblob), len(header))
+                + hblob + b"".join(chunks))
 
 
 def pack_artifact(entries: list[dict], config: dict) -> bytes:
-    import zstandard
-    metas, chunks, off = [], [], 0
-    for e in entries:
-        m = {k: v for k, v in e.items() if k not in ("q", "scale", "data")}
-        m["offsets"] = []
-        for a in _arrays(e):
-            b = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            m["offsets"].append([off, len(b)])
-            chunks.append(b)
-            off += len(b)
-        metas.append(m)
-    data = b"".join(chunks)
-    meta = json.dumps(dict(format=ARTIFACT_VERSION, config=config, tensors=metas, sha256=hashlib.sha256(data).hexdigest()),
-                      separators=(",", ":")).encode()
-    payload = struct.pack("<I", len(meta)) + meta + data
-    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=22, write_checksum=True).compress(payload)
+    return Packer()(entries, config)
 
 
 def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, list[dict]]:
-    """Parse and verify an artifact; anything truncated, altered or foreign is refused with one line."""
-    import zstandard
+    """Parse and verify an artifact: anything truncated, altered, foreign or of another format is refused with one
+    line. Returns the header (config, tensors, groups) and the entries with their arrays."""
     if not blob.startswith(ARTIFACT_MAGIC):
         raise UserError(f"{path} is not an artifact written by train_gpt.py (bad magic)")
+    version = blob[len(ARTIFACT_MAGIC)] if len(blob) > len(ARTIFACT_MAGIC) else None
+    if version != ARTIFACT_VERSION:
+        raise UserError(f"{path} has artifact format {3 if version == 1 else version}; this train_gpt.py reads format "
+                        f"{ARTIFACT_VERSION}: score it with the train_gpt.py that wrote it (the top of its log), or re-export")
+    bad = f"{path} is corrupted or truncated"
     try:
-        payload = zstandard.ZstdDecompressor().decompress(blob[len(ARTIFACT_MAGIC):], max_output_size=1 << 31)
-        (n,) = struct.unpack_from("<I", payload)
-        meta = json.loads(payload[4:4 + n])
-        data = payload[4 + n:]
-    except (zstandard.ZstdError, struct.error, ValueError):
-        raise UserError(f"{path} is corrupted or truncated (decompression failed); re-export or re-download it") from None
-    if meta.get("format") != ARTIFACT_VERSION:
-        raise UserError(f"{path} has artifact format {meta.get('format')}, this script reads {ARTIFACT_VERSION}")
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise UserError(f"{path} is corrupted (checksum mismatch)")
-    entries = []
+        off = len(ARTIFACT_MAGIC) + 10
+        codec, (n, size) = CODECS[blob[off - 9]], struct.unpack_from("<II", blob, off - 8)
+        meta = json.loads(decompress(codec, blob[off:off + n], size))
+        off += n
+        entries = [dict(m) for m in meta["tensors"]]
+        specs = [array_specs(m) for m in entries]
+        sizes = [g[3] for g in meta["groups"]]
+    except Exception:  # any failure to parse the header: the codecs' own error types included
+        raise UserError(f"{bad} (unreadable header); re-export or re-download it") from None
+    if off + sum(sizes) != len(blob):
+        raise UserError(f"{bad} ({len(blob)} bytes where its header accounts for {off + sum(sizes)}); re-export or re-download it")
+    check, g = hashlib.sha256(), "?"
     try:
-        for m in meta["tensors"]:
-            e = dict(m)
-            quant = m["scheme"].startswith("int")
-            dtypes = [torch.int8, torch.float16] if quant else [torch.float16 if m["scheme"] == "fp16" else torch.float32]
-            arrays = [torch.frombuffer(bytearray(data[o:o + nb]), dtype=torch.uint8).view(dt)
-                      for (o, nb), dt in zip(m["offsets"], dtypes)]
-            if quant:
-                e["q"], e["scale"] = arrays[0].view(m["shape"]), arrays[1]
-            else:
-                e["data"] = arrays[0].view(m["shape"])
-            entries.append(e)
-    except (KeyError, ValueError, RuntimeError, TypeError):
-        raise UserError(f"{path} has malformed metadata; it was not written by this version of train_gpt.py") from None
+        for g, layout, codec, n, mem in meta["groups"]:
+            sp = [specs[i][k] for i, k in mem]
+            raw = decompress(codec, blob[off:off + n], sum(math.prod(s) * torch.empty((), dtype=d).element_size() for d, s in sp))
+            check.update(raw)
+            for (i, k), a in zip(mem, group_arrays(raw, sp, layout)):
+                entries[i][k] = a
+            off += n
+    except Exception:
+        raise UserError(f"{bad} (group {g} does not decompress); re-export or re-download it") from None
+    if check.hexdigest() != meta["sha256"] or any(k not in e for e, sp in zip(entries, specs) for k in sp):
+        raise UserError(f"{path} is corrupted (checksum mismatch or missing arrays)")
     return meta, entries
 
 
 def dequantize(entries: list[dict]) -> dict[str, Tensor]:
-    return {e["name"]: e["q"].float() * e["scale"].float()[:, None] if "q" in e else e["data"].float() for e in entries}
+    """The float weights the artifact stands for: symbols x scales (+ the LQER correction), else the stored data."""
+    out = {}
+    for e in entries:
+        if "q" not in e:
+            out[e["name"]] = e["data"].float()
+        else:
+            out[e["name"]] = e["q"].float() * e["scale"].float()[:, None] + (lqer_product(e) if "lqer" in e else 0.0)
+    return out
 
 
-def fit_int5(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians: dict, before: int) -> bytes:
-    """Requantize int6 matrices to int5 (same scale rule; GPTQ again, at 5 bits, where there is a Hessian) in order of
-    added squared error per byte saved (order-0 entropy estimate), and keep the fewest that fit, by bisection on the
-    real compressed size (which falls with the count, up to zstd noise of a few hundred bytes). Raises UserError if
-    even all of them do not fit."""
+def fit_int5(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians: dict, before: int,
+             pack: Packer) -> bytes:
+    """Requantize int6 matrices to int5 (same scale rule; GPTQ again, at 5 bits, where there is a Hessian; their LQER
+    correction, if any, is dropped) in order of added squared error per byte saved (order-0 entropy estimate), and
+    keep the fewest that fit, by bisection on the real compressed size (which falls with the count, up to a few
+    hundred bytes of codec noise). Raises UserError if even all of them do not fit."""
     cand = []
     for i, e in enumerate(entries):
         if e.get("scheme") == "int6":
             w = originals[e["name"]]
             f5 = quant_fields(w, 5, hp, hessians.get(e["name"]))
-            e5 = dict(e, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in f5.items()})
+            e5 = {k: v for k, v in e.items() if k not in ("lqer", "la", "la_s", "la_z", "lb", "lb_s", "lb_z")}
+            e5 |= {k: v.cpu() if torch.is_tensor(v) else v for k, v in f5.items()}
             saved = max(entropy_bytes([e]) - entropy_bytes([e5]), 1)
             cand.append(((e5["mse"] - e["mse"]) * w.numel() / saved, i, e5))
     cand.sort(key=lambda c: c[:2])
@@ -1654,7 +1867,7 @@ def fit_int5(entries, originals, config: dict, hp: Config, *, code_bytes: int, l
         out = list(entries)
         for _, i, e5 in cand[:k]:
             out[i] = e5
-        return pack_artifact(out, config)
+        return pack(out, config)
 
     lo, hi, target = 0, len(cand), limit - code_bytes  # lo does not fit; hi must
     best = build(hi)
@@ -1674,12 +1887,14 @@ def fit_int5(entries, originals, config: dict, hp: Config, *, code_bytes: int, l
     return best
 
 
-def fit_budget(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians=None) -> bytes:
-    """Compress; if code + artifact exceeds the limit, zero the int6 values of magnitude 1 whose removal adds the
-    least squared error, in that order, choosing the count by a few secant steps on the real compressed size; if
+def fit_budget(entries, originals, config: dict, hp: Config, *, code_bytes: int, limit: int, log, hessians=None,
+               pack: Packer | None = None) -> bytes:
+    """Pack; if code + artifact exceeds the limit, zero the int6 values of magnitude 1 whose removal adds the
+    least squared error, in that order, choosing the count by a few secant steps on the real packed size; if
     zeroing all of them is not enough, move whole int6 matrices to int5 instead (fit_int5). Deterministic; raises
     UserError if nothing fits."""
-    blob = pack_artifact(entries, config)
+    pack = pack or Packer()
+    blob = pack(entries, config)
     before = len(blob)
     if before + code_bytes <= limit:
         return blob
@@ -1706,13 +1921,13 @@ def fit_budget(entries, originals, config: dict, hp: Config, *, code_bytes: int,
             q = out[i]["q"].clone().flatten()
             q[flat_idx[:k][ids[:k] == i]] = 0
             out[i]["q"] = q.view(entries[i]["q"].shape)
-        return pack_artifact(out, config)
+        return pack(out, config)
 
     target = limit - code_bytes
     best = build(n)
     if len(best) > target:
         return fit_int5(entries, originals, config, hp, code_bytes=code_bytes, limit=limit, log=log, hessians=hessians or {},
-                        before=before)
+                        before=before, pack=pack)
     lo, lo_size, hi, hi_size = 0, before, n, len(best)  # lo does not fit, hi fits
     for _ in range(6):
         k = lo + int((hi - lo) * (lo_size - target) / max(1, lo_size - hi_size) * 1.02) + 1
@@ -1731,24 +1946,37 @@ def fit_budget(entries, originals, config: dict, hp: Config, *, code_bytes: int,
     return best
 
 
-def export(hp: Config, ctx: Context, model: GPT, hessians: dict, code_bytes: int, path: str) -> dict:
-    """Quantize the model (GPTQ with `hessians`, else RTN), fit code + artifact under SIZE_LIMIT_BYTES and write the
-    artifact atomically, on rank 0; returns its byte counts (on rank 0)."""
+def export(hp: Config, ctx: Context, model: GPT, hessians: dict, code_bytes: int, path: str, forecast=None) -> dict:
+    """Quantize the model (GPTQ with `hessians`, else RTN), add LQER corrections, fit code + artifact under
+    SIZE_LIMIT_BYTES and write the artifact atomically, on rank 0; logs each phase's time, each group's layout, codec
+    and bytes, and the error of the size forecast (a Future of forecast()); returns its byte counts (on rank 0)."""
     def go():
         t0, tf32 = time.perf_counter(), torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # GPTQ's error feedback in true fp32 (start_distributed turns TF32 on)
         try:
-            entries, originals = quantize_state(model.state_dict(), quant_bits(model), hp, hessians)
-            ctx.log(f"quantized: method:{hp['QUANT_METHOD']} scale:{hp['QUANT_SCALE']} seconds:{time.perf_counter() - t0:.1f}")
+            entries, originals = quantize_state(model.state_dict(), quant_kinds(model), hp, hessians)
+            t1 = time.perf_counter()
+            ctx.log(f"quantized: method:{hp['QUANT_METHOD']} scale:{hp['QUANT_SCALE']} seconds:{t1 - t0:.1f}")
+            entries = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in e.items()} for e in entries]
+            originals = {k: v.cpu() for k, v in originals.items()}
+            if hp["LQER_RANK"]:
+                ctx.log(add_lqer(entries, originals, {k: v.cpu() for k, v in hessians.items()}, hp))
+            t2, pack = time.perf_counter(), Packer()
             blob = fit_budget(entries, originals, model.stored_config(), hp, code_bytes=code_bytes,
-                              limit=hp["SIZE_LIMIT_BYTES"], log=ctx.log, hessians=hessians)
+                              limit=hp["SIZE_LIMIT_BYTES"], log=ctx.log, hessians=hessians, pack=pack)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         write_atomic(path, blob, "artifact")
-        total = len(blob) + code_bytes
-        ctx.log(f"artifact: path={path} bytes={len(blob)} export_seconds:{time.perf_counter() - t0:.1f}")
+        total, t3 = len(blob) + code_bytes, time.perf_counter()
+        ctx.log("artifact_groups: " + " ".join(f"{g}={lay}/{c}/{n}" for g, lay, c, n, _ in unpack_artifact(blob, path)[0]["groups"]))
+        ctx.log(f"export_seconds: quantize:{t1 - t0:.1f} lqer:{t2 - t1:.1f} layout:{pack.seconds['layout']:.1f} "
+                f"compress:{pack.seconds['compress']:.1f} total:{t3 - t0:.1f}")
+        ctx.log(f"artifact: path={path} bytes={len(blob)} export_seconds:{t3 - t0:.1f}")
         ctx.log(f"code_bytes:{code_bytes}")
         ctx.log(f"total_submission_bytes:{total} limit:{hp['SIZE_LIMIT_BYTES']} {'ok' if total <= hp['SIZE_LIMIT_BYTES'] else 'OVER'}")
+        if forecast is not None:
+            f = forecast.result()
+            ctx.log(f"size_forecast_error: forecast:{f} final:{total} error:{100 * (f - total) / total:+.2f}%")
         return dict(artifact_bytes=len(blob), code_bytes=code_bytes, total_bytes=total)
     return ctx.on_rank0(go) or {}
 
@@ -1977,7 +2205,7 @@ def run(hp: Config, ctx: Context, run_id: str) -> dict:
         ts = train(hp, ctx, val, run_id)                          # trained weights (EMA) and where the data stream is
         hessians = calibrate(hp, ctx, ts)                         # GPTQ input Hessians, inside the training cap
         out |= pre_quant_score(hp, ctx, ts.model, val)
-        out |= export(hp, ctx, ts.model, hessians, code_bytes, path)  # quantize, fit the cap, write the artifact
+        out |= export(hp, ctx, ts.model, hessians, code_bytes, path, ts.size_forecast)  # quantize, fit the cap, write
         out |= dict(model=ts.model, hessians=hessians, steps=ts.step, train_ms=ts.elapsed_ms, qat_enabled=ts.model.sw.qat,
                     model_params=sum(p.numel() for p in ts.model.parameters()))
     rt, _, _ = load_artifact_model(path, ctx.device)             # round trip: every rank rebuilds it from the file

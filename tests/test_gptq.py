@@ -91,8 +91,8 @@ def test_sdclip_scale_is_k_row_stds_and_larger_k_means_fewer_bytes():
         sizes.append(T.entropy_bytes([dict(q=q, scale=s)]))
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1] * 1.5
     hp = T.parse_hparams({"QUANT_SCALE": "sdclip", "SDCLIP_K": "11", "SDCLIP_K_EMBED": "17"})
-    assert T.quant_spec(hp, 6) == ("std", [11.0]) and T.quant_spec(hp, 8) == ("std", [17.0])
-    assert T.quant_spec(T.resolve_config({}), 6) == ("amax", CLIPS)
+    assert T.quant_spec(hp, False) == ("std", [11.0]) and T.quant_spec(hp, True) == ("std", [17.0])
+    assert T.quant_spec(T.resolve_config({}), False) == ("amax", CLIPS)
 
 
 def test_int5_fallback_reruns_gptq_at_five_bits():
@@ -101,10 +101,10 @@ def test_int5_fallback_reruns_gptq_at_five_bits():
     g = torch.Generator().manual_seed(4)
     hs = {}
     for name, p in model.state_dict().items():
-        if name in T.quant_bits(model) and p.numel() > hp["QUANT_MIN_NUMEL"]:
+        if name in T.quant_kinds(model) and p.numel() > hp["QUANT_MIN_NUMEL"]:
             X = torch.randn(4 * p.size(1), p.size(1), generator=g) @ torch.randn(p.size(1), p.size(1), generator=g)
             hs[name] = X.T @ X
-    entries, originals = T.quantize_state(model.state_dict(), T.quant_bits(model), hp, hs)
+    entries, originals = T.quantize_state(model.state_dict(), T.quant_kinds(model), hp, hs)
     tok = next(e for e in entries if e["name"] == "tok_emb.weight")
     assert torch.equal(tok["q"], T.gptq(originals["tok_emb.weight"], hs["tok_emb.weight"], 8, CLIPS)[0])
     ones_zeroed = [dict(e, q=torch.where(e["q"].abs() == 1, 0, e["q"])) if e.get("scheme") == "int6" else e for e in entries]
@@ -132,7 +132,7 @@ def test_calibration_collects_the_inputs_of_every_quantized_matrix(sample_data):
     H, batches, ms = T.collect_hessians(hp, T.Context(), model, loader, None)
     assert batches == 2 and ms > 0
     assert loader.stream.pos == 2 * hp["TRAIN_BATCH_TOKENS"], "it reads the next training batches, nothing else"
-    expect = {n for n, p in model.state_dict().items() if n in T.quant_bits(model) and p.numel() > hp["QUANT_MIN_NUMEL"]}
+    expect = {n for n, p in model.state_dict().items() if n in T.quant_kinds(model) and p.numel() > hp["QUANT_MIN_NUMEL"]}
     expect -= {"bigram.weight", "ve.weight"}  # looked-up tables: no inputs, RTN
     assert set(H) == expect
     for k, h in H.items():

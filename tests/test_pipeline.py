@@ -95,7 +95,7 @@ def tiny_artifact():
         for p in model.parameters():
             p.normal_(0, 0.05)
         model.blocks[0].mlp.fc.weight[3].zero_()  # one all-zero row must stay finite
-    entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), tiny_hp())
+    entries, _ = T.quantize_state(model.state_dict(), T.quant_kinds(model), tiny_hp())
     return model, entries, T.pack_artifact(entries, model.stored_config())
 
 

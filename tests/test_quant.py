@@ -25,7 +25,7 @@ def quantized_copy(model, hp):
     """An uncompiled copy whose exported matrices hold Q(w): what the artifact will contain."""
     ref = copy.deepcopy(model)
     ref.set_qat(None)
-    entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
+    entries, _ = T.quantize_state(model.state_dict(), T.quant_kinds(model), hp)
     deq = T.dequantize(entries)
     with torch.no_grad():
         for e in entries:
@@ -141,7 +141,7 @@ def test_absurd_size_limit_fails_before_evaluation(sample_data, tmp_path):
 def budget_case():
     hp = small_hp()
     model = randomized(T.GPT(hp))
-    entries, originals = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
+    entries, originals = T.quantize_state(model.state_dict(), T.quant_kinds(model), hp)
     return hp, model, entries, originals
 
 
@@ -183,11 +183,11 @@ def test_budget_fit_moves_matrices_to_int5_when_zeroing_ones_is_not_enough():
 
 @pytest.mark.parametrize("fp16", [0, 1])
 def test_embed_fp16_ships_the_tied_embedding_unrounded_and_leaves_it_out_of_qat(fp16, tmp_path):
-    hp = small_hp(EMBED_FP16=fp16)
-    model = randomized(T.GPT(hp, embed_bits=16 if fp16 else 8))
+    hp = small_hp(EMBED_BITS=16 if fp16 else 8)
+    model = randomized(T.GPT(hp, embed_bits=hp["EMBED_BITS"]))
     model.set_qat(hp)
     assert (model.tok_emb.qspec is None) == bool(fp16) and model.ve.qspec is not None
-    entries, _ = T.quantize_state(model.state_dict(), T.quant_bits(model), hp)
+    entries, _ = T.quantize_state(model.state_dict(), T.quant_kinds(model), hp)
     e = next(e for e in entries if e["name"] == "tok_emb.weight")
     w = model.tok_emb.weight.detach()
     (tmp_path / "a.ptz").write_bytes(T.pack_artifact(entries, model.stored_config()))
