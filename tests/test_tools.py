@@ -434,3 +434,70 @@ def test_committed_record_folders_pass_check_record():
     for folder in folders:
         res, _ = check_record.check(str(folder))
         assert all(ok for ok, _, _ in res), (folder.name, [r for r in res if not r[0]])
+
+
+# ----------------------------------------------------------------------------- pack_code --minify
+MINIFY_SRC = b'''#!/usr/bin/env python3
+"""Module docstring: dropped."""
+import sys  # a comment: dropped
+
+
+def only_doc():
+    """A body that is only a docstring becomes `pass`."""
+
+
+class K:
+    """Class docstring."""
+
+    x = 1  # trailing comment
+
+    def f(self):
+        """doc"""
+        s = """keep
+
+this # not a comment
+"""
+        return s + "#x" + f"{self.x}"  # f-string kept
+
+
+print(K().f().count("\\n"), only_doc(), K.f.__qualname__, sys.argv[1:])
+'''
+
+
+def test_minify_drops_docstrings_comments_and_blank_lines_only(tmp_path):
+    small = pack_code.minify(MINIFY_SRC)
+    assert b"docstring" not in small and b"comment: dropped" not in small and b"trailing" not in small and b"#!" not in small
+    assert b'"""keep\n\nthis # not a comment\n"""' in small  # a blank line and a '#' inside a string stay
+    assert b"def only_doc():\n    pass\n" in small and b'"#x"' in small
+    assert pack_code.same_program(MINIFY_SRC, small) and not pack_code.same_program(MINIFY_SRC, small.replace(b"count", b"index"))
+    packed = pack_code.pack(MINIFY_SRC, "s.py", minified=True)
+    assert pack_code.unpack(packed) == small and len(packed) < len(pack_code.pack(MINIFY_SRC, "s.py"))
+    (tmp_path / "plain.py").write_bytes(MINIFY_SRC)
+    (tmp_path / "small.py").write_bytes(packed)
+    outs = [subprocess.run([sys.executable, tmp_path / n, "a"], capture_output=True, text=True).stdout for n in ("plain.py", "small.py")]
+    assert outs[0] == outs[1] == "3 None K.f ['a']\n"
+
+
+def test_minify_keeps_docstrings_a_script_reads():
+    src = b'"""usage: tool"""\nimport argparse\n\n# c\nap = argparse.ArgumentParser(description=__doc__)\n'
+    assert pack_code.minify(src) == b'"""usage: tool"""\nimport argparse\nap = argparse.ArgumentParser(description=__doc__)\n'
+
+
+def test_minify_refuses_when_the_syntax_tree_changes(monkeypatch):
+    """The AST check is what makes --minify safe: a tree that differs from the stripped source is refused."""
+    monkeypatch.setattr(pack_code, "stripped_tree", lambda src: "something else")
+    with pytest.raises(UserError, match="minifying changed the program"):
+        pack_code.minify(MINIFY_SRC)
+
+
+def test_pack_code_reports_both_sizes_and_writes_the_minified_copy(tmp_path):
+    src = tmp_path / "s.py"
+    src.write_bytes(MINIFY_SRC * 1 + b"# padding comment\n" * 200)
+    rc, out, _ = tool("pack_code", src, "--sizes")
+    sizes = pack_code.sizes(src.read_bytes(), "s.py")
+    assert rc == 0 and f"{sizes['readable']} bytes readable; packed {sizes['packed']} bytes" in out
+    assert f"minified+packed {sizes['minified']} bytes" in out and sizes["minified"] < sizes["packed"] < sizes["readable"]
+    rc, out, _ = tool("pack_code", src, "-o", tmp_path / "m.py", "--minify")
+    assert rc == 0 and (tmp_path / "m.py").stat().st_size == sizes["minified"]
+    rc, _, err = tool("pack_code", src)
+    assert rc == 2 and "give -o FILE" in err
