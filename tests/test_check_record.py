@@ -154,3 +154,15 @@ def test_traced_scores_come_from_any_log_line_or_mean(tmp_path):
         (rerun / "ttt" / f"seed{i}.log").write_text(f"quantized_ttt_phased val_loss:2.3 val_bpb:{v} eval_time:400000ms\n")
     r, _ = rules(rerun)
     assert r["traced"][0] == "ok" and "logs in ttt/" in r["traced"][1]
+
+
+def test_console_lines_with_a_unix_time_before_each_are_read(tmp_path):
+    """Some records' logs are console captures with `1776142360.538 ` before every line: read as if it were not there."""
+    from test_logformats import FIX
+    from tools.logparse import Log
+    text = (FIX / f"{ERA}.log").read_text()
+    p = tmp_path / "train0.txt"
+    p.write_text("".join(f"{1776142360.5 + i / 1000:.3f} {line}\n" for i, line in enumerate(text.splitlines())))
+    lg, ref = Log(str(p)), Log(str(FIX / f"{ERA}.log"))
+    assert (lg.hparams, lg.val_bpb, lg.code_sizes, lg.train_ms, lg.eval_seconds) == (ref.hparams, ref.val_bpb, ref.code_sizes, ref.train_ms,
+                                                                                     ref.eval_seconds)

@@ -388,6 +388,17 @@ def test_make_record_pack_ships_and_counts_the_packed_file(run, packed, tmp_path
     assert sub["bytes_total"] == len(code) + Log(str(run["log"])).artifact_bytes
     res, _ = check_record.check(str(out))
     assert all(lv == "ok" for lv, _, _ in res) and "packed copy" in dict((r, d) for _, r, d in res)["code"]
+    # --minify: the logged source without docstrings, comments and blank lines, packed; it counts, and check_record
+    # recognizes it as the logged code by its syntax tree
+    out3 = tmp_path / "track_non_record_16mb" / "2026-01-01_Minified"
+    assert call(make_record.main, run["log"], "--name", "Minified", "--author", "a", "--github-id", "a", "--track", "non_record_16mb",
+                "--out", out3, "--minify") == 0
+    small = (out3 / "train_gpt.py").read_bytes()
+    sub3 = json.loads((out3 / "submission.json").read_text())
+    assert pack_code.unpack(small) == pack_code.minify(packed["plain"]) and sub3["bytes_code"] == len(small) < len(code)
+    assert sub3["code_sizes"] == dict(readable=len(packed["plain"]), packed=len(code), minified_packed=len(small))
+    res3, _ = check_record.check(str(out3))
+    assert all(lv == "ok" for lv, _, _ in res3) and "minified packed copy" in dict((r, d) for _, r, d in res3)["code"]
     # a record of the packed run itself: its log holds the packed text, shipped as is
     out2 = tmp_path / "track_non_record_16mb" / "2026-01-01_PackedRun"
     assert call(make_record.main, packed["dir"] / "run.txt", "--name", "PackedRun", "--author", "a", "--github-id", "a",
