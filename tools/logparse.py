@@ -32,9 +32,19 @@ RECORD_SECONDS = LIMIT_SECONDS  # training (and, separately, evaluation) budget 
 TRACKS = ("10min_16mb", "non_record_16mb")
 KINDS = ("pre", "roundtrip", "sliding", "ttt")  # score kinds, the submission metric is the best present of the last three
 KIND_NAMES = dict(pre="pre-quant", roundtrip="round trip", sliding="sliding window", ttt="test-time-trained")
-# Hyperparameter lines that are not part of a run's configuration: train_gpt.py's FREE_SETTINGS (identity, machine paths,
-# log and checkpoint cadence, kernels), and the seed, which differs between the runs of one configuration.
-NOT_CONFIG = {k.lower() for k in FREE_SETTINGS} | {"seed"}
+# Hyperparameter lines that are not part of a run's configuration, listed once here: train_gpt.py's FREE_SETTINGS
+# (identity, machine paths, log and checkpoint cadence, kernels), the seed (it differs between the runs of one
+# configuration), the run-identity fields other scripts log, and any name shaped like a path (PATH_SUFFIXES): where a
+# run wrote its log or artifact, or found its data, does not change what it computes.
+RUN_IDENTITY = ("seed", "run_id", "run_name", "logfile", "log_file", "log_path", "eval_only_path", "eval_only_quantized_path")
+PATH_SUFFIXES = ("_path", "_dir", "_file", "_files", "_glob", "_pattern", "_prefix")
+NOT_CONFIG = {k.lower() for k in FREE_SETTINGS} | set(RUN_IDENTITY)
+
+
+def is_config(key: str) -> bool:
+    """Does a logged setting change what a run computes? False for NOT_CONFIG and path-shaped names (PATH_SUFFIXES)."""
+    k = key.lower()
+    return k not in NOT_CONFIG and not k.endswith(PATH_SUFFIXES)
 
 _FIELDS = {"name": r"(.+?)", "n": r"(\d+)", "sha": r"([0-9a-f]{64})"}  # CODE_HEAD's fields: script name, bytes, sha256
 
@@ -60,6 +70,7 @@ _SCORE = re.compile(r"(?:^|\s)val_loss:\s?(\S+)\s.*?\bval_bpb:\s?(\S+)")
 _SLIDING_MODE = re.compile(r"^final_eval_mode:\s*sliding|sliding[ _-]window eval", re.I)
 _SMI_GPU = re.compile(r"^\|\s+\d+\s+((?:NVIDIA|Tesla)\b.*?)\s+(?:On|Off)\s+\|")
 _OVER = re.compile(r"(?i:size|bytes|limit).*\bOVER\b")
+_STAMP = re.compile(r"^\d{9,11}\.\d{1,6} ")  # a console capture with a Unix time before each line (`1776142360.538 ...`)
 
 
 def num(v):
@@ -151,7 +162,7 @@ class Log:
         return lg
 
     def _parse(self, lines):
-        self.lines = [line.rstrip("\r\n") for line in lines]  # the log's text lines, the code block left out
+        self.lines = [_STAMP.sub("", line.rstrip("\r\n"), count=1) for line in lines]  # the text lines, no code block
         self.hparams, self.versions, self.run_id, self.errors = {}, {}, None, []
         self.train, self.val, self.finals, self.scores, self.info = [], [], {}, [], {}
         self.last = {}  # head word of a line (before ':' or ' ') -> the tokens of the last line with that head
@@ -350,8 +361,8 @@ class Log:
 
     @property
     def config(self):
-        """Hyperparameters that define the run (everything but NOT_CONFIG) plus the validation token count."""
-        c = {k: v for k, v in self.hparams.items() if k not in NOT_CONFIG}
+        """Hyperparameters that define the run (every one is_config accepts) plus the validation token count."""
+        c = {k: v for k, v in self.hparams.items() if is_config(k)}
         if "val_tokens" in self.info:
             c["val_tokens (data)"] = self.info["val_tokens"]
         return c
@@ -382,6 +393,12 @@ def unique_logs(logs: list[Log]) -> tuple[list[Log], list[str]]:
             seen[key] = lg
             out.append(lg)
     return out, notes
+
+
+def ignored_differences(logs: list[Log]) -> list[str]:
+    """Logged settings that differ between the logs but do not change the result (not is_config): run identity, paths."""
+    keys = set().union(*(lg.hparams for lg in logs)) if logs else set()
+    return sorted(k for k in keys if not is_config(k) and k != "seed" and len({lg.hparams.get(k) for lg in logs}) > 1)
 
 
 def config_diff(a: Log, b: Log, limit: int = 4) -> str:
