@@ -1748,9 +1748,15 @@ def group_arrays(raw: bytes, specs: list[tuple[torch.dtype, list[int]]], layout:
     return out
 
 
+def sample_slices(raw: bytes, n: int = 16, size: int = 1 << 14) -> bytes:
+    step = len(raw) // n
+    return b"".join(raw[i * step:i * step + size] for i in range(n))
+
+
 class Packer:
     """Writes entries into the artifact format. Each group is tried in each of its layouts with each codec, in
-    parallel threads (the codecs release the GIL), and the smallest wins (ties: the first in LAYOUTS x CODECS order).
+    parallel threads (the codecs release the GIL), and the smallest wins (ties: the first in LAYOUTS x CODECS order);
+    a group over 1 MiB is tried on slices of itself first, and only the best two run in full.
     The choices and the compressed blobs are remembered: the budget fit's repacks keep each group's choice and
     recompress only the groups that changed."""
 
@@ -1766,7 +1772,7 @@ class Packer:
             for key, (dt, _) in array_specs(m).items():
                 members.setdefault(group_of(m, key, dt), []).append((i, key))
             metas.append(m)
-        cands, raws, jobs, t0 = {}, {}, {}, time.perf_counter()
+        cands, raws, t0 = {}, {}, time.perf_counter()
         for g, mem in sorted(members.items()):
             arrays = [entries[i][k] for i, k in mem]
             kind = "int" if arrays[0].dtype == torch.int8 else "float"
@@ -1774,9 +1780,19 @@ class Packer:
             for lay in dict.fromkeys(lay for lay, _ in cands[g]):
                 raw = group_bytes(arrays, lay)
                 raws[g, lay] = raw, hashlib.sha256(raw).digest()
-            jobs |= {(lay, c, raws[g, lay][1]): raws[g, lay][0] for lay, c in cands[g] if (lay, c, raws[g, lay][1]) not in self.blobs}
         t1 = time.perf_counter()
-        with ThreadPoolExecutor(max(1, min(self.workers, len(jobs)))) as pool:
+        with ThreadPoolExecutor(self.workers) as pool:
+            # a group over 1 MiB: every layout x codec on 16 evenly spaced 16 KiB slices; the best 2 then run in full
+            big = [(g, lay, c) for g in cands if len(cands[g]) > 2 and len(raws[g, cands[g][0][0]][0]) > 1 << 20
+                   for lay, c in cands[g]]
+            sizes = pool.map(lambda j: len(compress(j[2], sample_slices(raws[j[0], j[1]][0]))), big)
+            ranked = {}
+            for (g, lay, c), n in zip(big, sizes):
+                ranked.setdefault(g, []).append((n, cands[g].index((lay, c)), (lay, c)))
+            for g, r in ranked.items():
+                cands[g] = [lc for _, _, lc in sorted(r)[:2]]
+            jobs = {(lay, c, raws[g, lay][1]): raws[g, lay][0] for g in cands for lay, c in cands[g]}
+            jobs = {k: v for k, v in jobs.items() if k not in self.blobs}
             self.blobs |= dict(zip(jobs, pool.map(lambda k: compress(k[1], jobs[k]), jobs)))
         self.seconds["layout"] += t1 - t0
         self.seconds["compress"] += time.perf_counter() - t1

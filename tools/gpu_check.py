@@ -22,8 +22,8 @@ shards built by data/prepare_text.py or the FineWeb download; else data/datasets
 the embedded stdlib sample (data/build_sample.py builds it offline from Python's own docstrings: real text, so no
 synthetic tokens are ever used). Values: "fineweb" | "corpus" | "stdlib-sample".
 
-Needs only the GPU machine's image (torch, numpy, sentencepiece, tqdm) plus zstandard, which some images lack: carry
-a wheel and pass --wheels DIR (installed into a temporary folder that goes on the children's PYTHONPATH).
+Needs only the GPU machine's image (torch, numpy, sentencepiece, tqdm) plus zstandard and brotli, which some images
+lack: carry their wheels and pass --wheels DIR (installed into a temporary folder that goes on the children's PYTHONPATH).
 --cpu-dry-run runs the same logic on the CPU at SMOKE size in well under a minute (the test suite does this).
 
   python3 tools/gpu_check.py --wheels .whl --data data/datasets/corpus_sp1024 --tokenizer data/tokenizers/fineweb_1024_bpe.model
@@ -179,22 +179,22 @@ def install_wheels(wheel_dir: str | Path) -> Path:
     return target
 
 
-def missing_zstandard_message() -> str:
+def missing_codec_message(name: str = "zstandard") -> str:
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return (f"zstandard is not importable by {sys.executable} (Python {py}); train_gpt.py needs it to write the artifact. "
+    return (f"{name} is not importable by {sys.executable} (Python {py}); train_gpt.py needs it to write the artifact. "
             f"On a machine with network, in the repo root: python3 -m pip download --no-deps --only-binary=:all: "
             f"--python-version {py} --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "
-            f"-d .whl zstandard ; carry .whl and rerun with --wheels .whl (or: python3 -m pip install --no-index "
+            f"-d .whl zstandard brotli ; carry .whl and rerun with --wheels .whl (or: python3 -m pip install --no-index "
             f"--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site)")
 
 
 def check_packages() -> None:
-    for name in ("zstandard", "numpy", "sentencepiece", "tqdm", "torch"):
+    for name in ("zstandard", "brotli", "numpy", "sentencepiece", "tqdm", "torch"):
         try:
             __import__(name)
         except ImportError:
-            if name == "zstandard":
-                raise UserError(missing_zstandard_message()) from None
+            if name in ("zstandard", "brotli"):
+                raise UserError(missing_codec_message(name)) from None
             raise UserError(f"the Python package {name} is not importable by {sys.executable}; train_gpt.py needs it") from None
 
 
@@ -613,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"dry run {DRY_DEFAULTS['val_tokens']:,}); capped at what the split has")
     p.add_argument("--presets", default="record,baseline", help="comma-separated train_gpt.py presets, run in this "
                    "order on the same card (default record,baseline)")
-    p.add_argument("--wheels", metavar="DIR", help="install DIR/*.whl (e.g. zstandard) into a temporary folder for the runs")
+    p.add_argument("--wheels", metavar="DIR", help="install DIR/*.whl (e.g. zstandard, brotli) into a temporary folder for the runs")
     p.add_argument("--size-limit", type=int, help=f"SIZE_LIMIT_BYTES for the runs (default {GPU_DEFAULTS['size_limit']:,}: "
                    "a short run does not compress under 16,000,000 yet; the summary still reports fits_16mb. "
                    f"Dry run: {COMPETITION_LIMIT:,})")

@@ -6,8 +6,9 @@ stored (symbols + scales, before compression), `zstd` = zstd-22 of that tensor's
 value, `H0` = order-0 entropy bound of its symbols (+ raw scales; train_gpt.entropy_bytes) and the same bound in
 bits per value, the mean chosen scale candidate (a clip fraction of the row max; with QUANT_SCALE=sdclip, k row
 standard deviations) and the reconstruction MSE against the float weights (in weight space, also under GPTQ).
-The file itself is the 8-byte magic + one zstd-22 frame over (JSON metadata + all arrays), so its size differs a
-little from the per-tensor zstd sum. Reading uses train_gpt.unpack_artifact: anything else is refused.
+The file itself packs arrays by group (one role over all layers), each group in its smallest layout and codec, so its
+size differs from the per-tensor zstd sum: `tools/bytes_report.py` shows the groups. Reading uses
+train_gpt.unpack_artifact: anything else is refused.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def rows(entries, level=22):
     raw = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # noqa: E731
     out = []
     for e in entries:
-        arrays = [e["q"], e["scale"]] if "q" in e else [e["data"]]
+        arrays = [e[k] for k in tg.array_specs(e)]  # symbols + scales (+ LQER factors), or the float data
         sym = raw(arrays[0])
         numel = arrays[0].numel()
         quant = "q" in e
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     if a.sort != "file":
         rs.sort(key=lambda r: -r[a.sort])
     cfg = " ".join(f"{k.lower()}={v}" for k, v in meta.get("config", {}).items())
-    print(f"artifact: {a.artifact} bytes={len(blob)} format={meta['format']} tensors={len(entries)} sha256={meta['sha256'][:16]}")
+    print(f"artifact: {a.artifact} bytes={len(blob)} format={tg.ARTIFACT_VERSION} groups={len(meta['groups'])} tensors={len(entries)} sha256={meta['sha256'][:16]}")
     print(f"config: {cfg}")
     w = max([len(r["name"]) for r in rs] + [6])
     print(f"{'tensor':<{w}} {'scheme':<6} {'shape':>11} {'bytes':>10} {'zstd':>10} {'bits/val':>8} {'H0':>10} {'H0 b/val':>8} {'clip':>6} {'mse':>10}")
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
               f"zstd bits/val (scales included)={8 * sum(r['zstd'] for r in g) / max(n, 1):.3f} H0={sum(r['h0'] for r in g)}")
     total_h0 = tg.entropy_bytes(entries)
     print(f"total: values={sum(r['numel'] for r in rs)} bytes={sum(r['bytes'] for r in rs)} zstd(per tensor)={sum(r['zstd'] for r in rs)} "
-          f"H0={total_h0} file={len(blob)} (magic {len(tg.ARTIFACT_MAGIC)} + one zstd-22 frame; file/H0={len(blob) / max(total_h0, 1):.4f})")
+          f"H0={total_h0} file={len(blob)} (header + one blob per group; file/H0={len(blob) / max(total_h0, 1):.4f})")
     return 0
 
 
