@@ -16,7 +16,8 @@ and the order-0 entropy bound of the symbols (+ the float arrays raw), and the t
 by w_ij = r_i c_j t_ij: t Student-t with --dof degrees of freedom (heavy tails, as trained weights have), and
 log-normal row and column scales r, c (--row-spread, --col-spread: the standard deviation of their logs), i.e. rows
 and input channels of unequal size, as after training. Quantization is per-row scale invariant, so only these shapes
-matter.
+matter. `--like STATE.pt` takes those shapes from a trained model instead, role by role: its matrices' row and
+column standard deviations (resampled to the full size) and the tails matching their kurtosis.
 """
 from __future__ import annotations
 
@@ -31,7 +32,36 @@ sys.path.insert(0, ROOT)
 from data.common import UserError, cli  # noqa: E402
 
 
-def synthetic_state(hp, seed: int, dof: float, row_spread: float, col_spread: float):
+def role(name: str) -> str:
+    return ".".join(p for p in name.split(".") if not p.isdigit())
+
+
+def trained_statistics(path: str) -> dict:
+    """Per role (layer numbers dropped): the log standard deviations of the rows and of the columns of a trained
+    state dict's matrices (pooled over layers) and the Student-t degrees of freedom matching their kurtosis."""
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot read the state dict {path}: {e}") from None
+    state = state.get("state", state)
+    out = {}
+    for name, w in state.items():
+        if w.ndim == 2 and w.numel() > 4096:
+            w = w.float()
+            z = (w - w.mean(1, keepdim=True)) / w.std(1, keepdim=True).clamp_min(1e-12)
+            o = out.setdefault(role(name), dict(rows=[], cols=[], kurt=[]))
+            o["rows"].append(w.std(1).clamp_min(1e-12).log())
+            o["cols"].append(w.std(0).clamp_min(1e-12).log())
+            o["kurt"].append(float((z ** 4).mean()))
+    return {r: dict(rows=torch.cat(o["rows"]), cols=torch.cat(o["cols"]),
+                    dof=min(60.0, 4 + 6 / max(sum(o["kurt"]) / len(o["kurt"]) - 3, 0.1))) for r, o in out.items()}
+
+
+def synthetic_state(hp, seed: int, dof: float, row_spread: float, col_spread: float, like: dict | None = None):
+    """The preset's model with every quantized matrix replaced by w_ij = r_i c_j t_ij. With `like` (trained_statistics)
+    a role found there draws its log row and column scales from the trained ones (resampled) and its t from the
+    matching degrees of freedom; otherwise log-normal spreads and `dof`."""
     import torch
     import train_gpt as T
     torch.manual_seed(seed)
@@ -39,10 +69,15 @@ def synthetic_state(hp, seed: int, dof: float, row_spread: float, col_spread: fl
     g = torch.Generator().manual_seed(seed)
     state = model.state_dict()
     for name in T.quant_kinds(model):
-        w = state[name]
-        t = torch.distributions.StudentT(dof).sample(w.shape) if dof > 0 else torch.randn(w.shape, generator=g)
-        r = torch.exp(row_spread * torch.randn(w.size(0), 1, generator=g))
-        c = torch.exp(col_spread * torch.randn(1, w.size(1), generator=g))
+        w, st = state[name], (like or {}).get(role(name))
+        d = st["dof"] if st else dof
+        t = torch.distributions.StudentT(d).sample(w.shape) if d > 0 else torch.randn(w.shape, generator=g)
+        if st:
+            pick = lambda v, n: v[torch.randint(len(v), (n,), generator=g)].exp()  # noqa: E731
+            r, c = pick(st["rows"], w.size(0))[:, None], pick(st["cols"], w.size(1))[None, :]
+        else:
+            r = torch.exp(row_spread * torch.randn(w.size(0), 1, generator=g))
+            c = torch.exp(col_spread * torch.randn(1, w.size(1), generator=g))
         state[name] = (0.02 * r * c * t).float()
     return model, state
 
@@ -57,7 +92,8 @@ def load_entries(a):
             env["SMOKE"] = "1"
         hp = T.resolve_config(env)
         if a.synthetic:
-            model, state = synthetic_state(hp, a.seed, a.dof, a.row_spread, a.col_spread)
+            like = trained_statistics(a.like) if a.like else None
+            model, state = synthetic_state(hp, a.seed, a.dof, a.row_spread, a.col_spread, like)
         else:
             model = T.GPT(hp.arch, embed_bits=hp["EMBED_BITS"])
             try:
@@ -130,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dof", type=float, default=4.0, help="--synthetic: Student-t degrees of freedom (default 4; 0 = Gaussian)")
     ap.add_argument("--row-spread", type=float, default=0.3, help="--synthetic: std of log row scales (default 0.3)")
     ap.add_argument("--col-spread", type=float, default=0.3, help="--synthetic: std of log input-channel scales (default 0.3)")
+    ap.add_argument("--like", metavar="STATE.pt", help="--synthetic: draw each role's row and column scales and tails from "
+                    "this trained state dict's matrices of the same role (e.g. a CPU-proxy run's)")
     ap.add_argument("--workers", type=int, default=None, help="compression threads (default: every core)")
     a = ap.parse_args(argv)
     if bool(a.input) == a.synthetic:
