@@ -1803,8 +1803,9 @@ class Packer:
             self.sizes[g] = len(chunks[-1])
             check.update(raws[g, lay][0])
             groups.append([g, lay, c, len(chunks[-1]), [list(x) for x in mem]])
-        header = json.dumps(dict(config=config, tensors=metas, groups=groups, sha256=check.hexdigest()),
-                            separators=(",", ":")).encode()
+        header = dict(config=config, tensors=metas, groups=groups)
+        check.update(json.dumps(header, separators=(",", ":")).encode())  # the checksum covers the header too
+        header = json.dumps(header | dict(sha256=check.hexdigest()), separators=(",", ":")).encode()
         c, hblob = min(((c, compress(c, header)) for c in CODECS), key=lambda x: len(x[1]))
         out = (ARTIFACT_MAGIC + bytes([ARTIFACT_VERSION, CODECS.index(c)]) + struct.pack("<II", len(hblob), len(header))
                + hblob + b"".join(chunks))
@@ -1849,6 +1850,7 @@ def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, list[dic
             off += n
     except Exception:
         raise UserError(f"{bad} (group {g} does not decompress); re-export or re-download it") from None
+    check.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, separators=(",", ":")).encode())
     if check.hexdigest() != meta["sha256"] or any(k not in e for e, sp in zip(entries, specs) for k in sp):
         raise UserError(f"{path} is corrupted (checksum mismatch or missing arrays)")
     return meta, entries

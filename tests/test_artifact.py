@@ -110,6 +110,14 @@ def test_damage_in_any_group_or_truncation_at_any_boundary_is_refused_in_one_lin
     header[len(T.ARTIFACT_MAGIC) + 12] ^= 0xFF
     with pytest.raises(T.UserError, match="unreadable header"):
         T.unpack_artifact(bytes(header), "x.ptz")
+    # a header altered into other valid JSON (here: one more layer) is caught by the checksum, which covers it
+    h0 = len(T.ARTIFACT_MAGIC) + 10
+    codec, (n, size) = T.CODECS[blob[h0 - 9]], struct.unpack_from("<II", blob, h0 - 8)
+    text = T.decompress(codec, blob[h0:h0 + n], size).replace(b'"NUM_LAYERS":2', b'"NUM_LAYERS":3')
+    packed = T.compress(codec, text)
+    forged = blob[:h0 - 8] + struct.pack("<II", len(packed), len(text)) + packed + blob[h0 + n:]
+    with pytest.raises(T.UserError, match="checksum mismatch"):
+        T.unpack_artifact(forged, "x.ptz")
 
 
 def test_an_older_format_names_the_script_to_use():

@@ -99,8 +99,10 @@ def test_clip_search_picks_least_error_and_is_deterministic():
 
 
 def test_qat_from_start_matches_roundtrip(sample_data, monkeypatch, tmp_path):
-    """QAT on from step 0, EMA off: the fake-quantized model IS the exported model, so their BPB agree to 1e-4."""
+    """QAT on from step 0, EMA off, rounding to nearest (GPTQ would round differently from the training quantizer):
+    the fake-quantized model IS the exported model, so their BPB agree to float noise."""
     for k, v in dict(SMOKE="1", LOG_DIR=str(tmp_path), RUN_ID="qat", QAT_THRESHOLD="1", EMA_DECAY="0", ITERATIONS="12",
+                     QUANT_METHOD="rtn",
                      EVAL_STRIDE="0", VAL_MAX_TOKENS="16384").items():
         monkeypatch.setenv(k, v)
     for k in ("RANK", "WORLD_SIZE"):
@@ -113,7 +115,7 @@ def test_qat_from_start_matches_roundtrip(sample_data, monkeypatch, tmp_path):
     model.switch(qat=True)
     val = T.load_validation(hp, torch.device("cpu"))
     _, bpb, _ = T.evaluate(T.Context(), T.eval_forward(model, False), val, 128, 128, 32)
-    assert abs(bpb - r["roundtrip_bpb"]) < 1e-4, (bpb, r["roundtrip_bpb"], r["pre_quant_bpb"])
+    assert abs(bpb - r["roundtrip_bpb"]) < 2e-5, (bpb, r["roundtrip_bpb"], r["pre_quant_bpb"])
     assert "late_qat:enabled step:0" in (tmp_path / "qat.txt").read_text()
 
 
