@@ -16,6 +16,7 @@ import glob
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import platform
@@ -1671,10 +1672,11 @@ def calibrate(hp: Config, ctx: Context, ts: TrainState) -> dict[str, Tensor]:
 # layers' query matrices, all MLP down-projections, the tied embedding, the fp16 scales, ...), each laid out and
 # compressed in whichever way measures smallest. Written atomically by rank 0, shrunk to fit SIZE_LIMIT_BYTES if
 # needed (zero int6 +-1 values, else int5 matrices), read back on every rank.
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ", 4  # file = magic, version byte, header codec byte, u32 header size, header, blobs
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFQZ", 4  # magic, version, header codec, u32 packed + raw header sizes, header, blobs
 CODECS = ("zstd", "brotli", "lzma")  # zstd-22; brotli-11 (window 2^24); lzma (xz preset 9e, raw stream)
 LAYOUTS = {"int": ("rows", "cols"), "float": ("rows", "planes")}  # cols: each matrix transposed; planes: byte planes
 NP_DTYPES = {torch.int8: np.int8, torch.float16: np.float16, torch.float32: np.float32}
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
 def compress(codec: str, raw: bytes) -> bytes:
@@ -1684,8 +1686,7 @@ def compress(codec: str, raw: bytes) -> bytes:
     if codec == "brotli":
         import brotli
         return brotli.compress(raw, quality=11, lgwin=24)
-    import lzma
-    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
 
 
 def decompress(codec: str, blob: bytes, size: int) -> bytes:
@@ -1697,8 +1698,7 @@ def decompress(codec: str, blob: bytes, size: int) -> bytes:
         import brotli
         raw = brotli.decompress(blob)
     else:
-        import lzma
-        raw = lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+        raw = lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     if len(raw) != size:
         raise ValueError("size mismatch")
     return raw

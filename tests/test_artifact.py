@@ -224,7 +224,7 @@ def test_bytes_report_accounts_for_every_byte_of_the_file(short_run, capsys):
     header = int(next(l for l in out if l.startswith("header")).split()[-1].replace(",", ""))
     assert sum(int(r[-1].replace(",", "")) for r in rows) + header == size
     for r in rows:  # the chosen size is the smallest codec's
-        assert int(r[-1].replace(",", "")) == min(int(x.replace(",", "")) for x in r[2:5])
+        assert int(r[-1].replace(",", "")) == min(int(x.replace(",", "")) for x in r[2:5] if x != "-")
     line = next(l for l in out if l.startswith("per group (format 4, this file):"))
     assert int(line.split(":")[1].split()[0].replace(",", "")) == size
     with pytest.raises(UserError, match="not both, not neither"):

@@ -5,7 +5,8 @@ Input: an artifact written by train_gpt.py; or a state dict (`torch.save(model.s
 the way the exporter rounds without Hessians (round to nearest with the preset's scale rule); or `--synthetic` (no
 file), a full-size model of the preset with heavy-tailed weights (below). For each group of the artifact format (one
 role over all layers: e.g. all layers' MLP down-projections; the scales; ...) it prints the raw bytes, the smallest
-size each codec reaches alone (over the group's layouts), the layout and codec train_gpt.py picks and their size.
+size each codec reaches alone (over the group's layouts; "-" where a group over 1 MiB did not run that codec in full,
+its slices having ruled it out), the layout and codec train_gpt.py picks and their size.
 Then the totals for the same arrays:
   one stream, zstd-22    the format before per-group packing (3): one zstd-22 frame over the header and all arrays
   one stream, brotli-11  the same stream through brotli (what several public records ship)
@@ -179,8 +180,8 @@ def main(argv=None) -> int:
     w = max(len(x["group"]) for x in r["rows"])
     print(f"{'group':<{w}} {'raw':>10} {'zstd':>10} {'brotli':>10} {'lzma':>10}  {'chosen':<14} {'bytes':>10}")
     for x in r["rows"]:
-        print(f"{x['group']:<{w}} {x['raw']:>10,} {x.get('zstd', 0):>10,} {x.get('brotli', 0):>10,} {x.get('lzma', 0):>10,}  "
-              f"{x['choice']:<14} {x['bytes']:>10,}")
+        sizes = " ".join(f"{x[c]:>10,}" if c in x else f"{'-':>10}" for c in ("zstd", "brotli", "lzma"))
+        print(f"{x['group']:<{w}} {x['raw']:>10,} {sizes}  {x['choice']:<14} {x['bytes']:>10,}")
     z, b, f = r["zstd_stream"], r["brotli_stream"], r["file"]
     print(f"{'header (compressed JSON + fixed fields)':<{w + 59}} {r['header']:>10,}")
     print(f"one stream, zstd-22 (format 3):   {z:>12,}")
