@@ -37,6 +37,10 @@ try:  # FlashAttention 3 (Hopper) when installed; PyTorch SDPA otherwise
     from flash_attn_interface import flash_attn_func as _fa3
 except ImportError:
     _fa3 = None
+try:  # FlexAttention (torch >= 2.5): fused block-sparse kernels for the causal and the document mask
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
 
 
 class UserError(Exception):
@@ -61,6 +65,7 @@ HPARAMS = [
     ("EVAL_ONLY", 0, "1: load ARTIFACT and evaluate it, no training"),
     ("SEED", 1337, "random seed"),
     ("COMPILE", -1, "torch.compile the model: 1 on, 0 off, -1 on for CUDA only"),
+    ("ATTN", "auto", "attention kernel: fa3 (FlashAttention 3), flex (FlexAttention: fused causal and document masks), sdpa; auto: fa3 if installed, else flex, on CUDA; sdpa on CPU"),
     ("AUTOCAST", "auto", "bf16: autocast, Newton-Schulz and its all-reduce in bf16 (the GPU path, also on CPU); off: fp32; auto: bf16 on CUDA only"),
     ("CHECKPOINT_EVERY", "600s", "write LOG_DIR/RUN_ID.ckpt every N steps, or every N seconds of training with a trailing s (0 = only on SIGTERM/SIGINT)"),
     ("RESUME", "", "auto: continue from LOG_DIR/RUN_ID.ckpt if present (needs RUN_ID); or a checkpoint path; '' = start at step 0"),
@@ -182,7 +187,7 @@ SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_
 SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2", LOOP_START="0.3,0.6", BIGRAM_VOCAB_SIZE=0)}
 CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
            "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
-           "COMPILE": (-1, 0, 1), **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK",
+           "COMPILE": (-1, 0, 1), "ATTN": ("auto", "fa3", "flex", "sdpa"), **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK",
                                                         "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16),
            "SMALL_BITS": (8, 16)}
 POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
@@ -399,6 +404,7 @@ class Context:
     amp: torch.dtype | None = None
     compile: bool = False
     log: Logger = dataclasses.field(default_factory=lambda: Logger(0))
+    attn: str = "sdpa"  # the attention kernel (attn_backend)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -427,6 +433,17 @@ class Context:
         if err is not None:
             raise err
         return out
+
+
+def attn_backend(choice: str, device) -> str:
+    """ATTN resolved for this device: auto = fa3 if installed, else flex, on CUDA; sdpa on the CPU."""
+    if choice == "auto":
+        return ("fa3" if _fa3 is not None else "flex" if flex_attention is not None else "sdpa") if device.type == "cuda" else "sdpa"
+    if choice == "fa3" and (_fa3 is None or device.type != "cuda"):
+        raise UserError("ATTN=fa3 needs CUDA and the flash_attn_interface package (FlashAttention 3); use ATTN=auto")
+    if choice == "flex" and (flex_attention is None or device.type != "cuda"):
+        raise UserError("ATTN=flex needs CUDA (FlexAttention has no backward pass on the CPU) and torch >= 2.5; use ATTN=auto")
+    return choice
 
 
 def amp_dtype(hp, device) -> torch.dtype | None:
@@ -889,12 +906,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Causal attention on (B, T, H, D) tensors with grouped KV heads. `mask` (B, 1, T, T), True = may attend,
-    replaces the causal mask (DOC_MASK); SDPA then, with KV heads repeated so a fused masked kernel can run."""
-    if mask is None and _fa3 is not None and q.is_cuda:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: tuple = ("sdpa", None)) -> Tensor:
+    """Causal attention on (B, T, H, D) tensors with grouped KV heads, the way `mask` (GPT.attn_mask) says: ("fa3",
+    None) FlashAttention 3; ("flex", block mask) FlexAttention; ("sdpa", None) causal SDPA; ("sdpa", (B, 1, T, T)
+    bool, True = may attend) SDPA with that mask, KV heads repeated so a fused masked kernel can run."""
+    kind, mask = mask
+    if kind == "fa3":
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return out[0] if isinstance(out, tuple) else out
+    if kind == "flex":
+        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                           enable_gqa=q.size(2) != k.size(2))
+        return y.transpose(1, 2)
     if mask is not None and q.size(2) != k.size(2):
         k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -912,7 +935,7 @@ class Attention(nn.Module):
         self.ve_scale = nn.Parameter(torch.ones(1)) if has_ve else None
         self.xsa = xsa
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None, mask: tuple = ("sdpa", None)) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d)
         k = self.k(x).view(B, T, self.kvh, self.d)
@@ -952,7 +975,7 @@ class Block(nn.Module):
         self.ln = 1.0 / math.sqrt(i + 1) if arch["LN_SCALE"] else 1.0
         self.parallel = 0 <= arch["PARALLEL_FROM"] <= i
 
-    def forward(self, x, x0, cos, sin, ve, mask=None):
+    def forward(self, x, x0, cos, sin, ve, mask=("sdpa", None)):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve, mask)
@@ -976,6 +999,7 @@ class GPT(nn.Module):
         super().__init__()
         self.arch = {k: arch[k] for k in ARCH_KEYS}
         self.sw = Switches(doc_mask=bool(arch["DOC_MASK"]))
+        self.attn_kernel = "sdpa"  # set by whoever runs the model (Context.attn)
         V, dim, L = arch["VOCAB_SIZE"], arch["MODEL_DIM"], arch["NUM_LAYERS"]
         kv_dim = arch["NUM_KV_HEADS"] * (dim // arch["NUM_HEADS"])
         self.tok_emb = QEmbedding(V, dim, std=0.005, bits=embed_bits)
@@ -1037,6 +1061,19 @@ class GPT(nn.Module):
             if "qat" in changes and isinstance(m, QLinear):
                 m.qat.fill_(self.sw.qat)
 
+    def attn_mask(self, ids: Tensor) -> tuple:
+        """attention()'s mask for this batch, by kernel (attn_kernel): causal, or block-diagonal causal under the
+        document mask (a query sees the keys of its own document only)."""
+        B, T = ids.shape
+        doc = torch.cumsum(ids == BOS_ID, dim=1) if self.sw.doc_mask else None
+        if self.attn_kernel == "flex":
+            def keep(b, h, i, j):
+                return (i >= j) & (doc[b, i] == doc[b, j]) if doc is not None else i >= j
+            return "flex", create_block_mask(keep, B if doc is not None else None, None, T, T, device=ids.device)
+        if doc is not None:
+            return "sdpa", ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=ids.device).tril())[:, None]
+        return self.attn_kernel if self.attn_kernel == "fa3" else "sdpa", None
+
     def stored_config(self) -> dict:
         """What the artifact records: the architecture and the loop depth reached."""
         return self.arch | {"LOOP_ACTIVE": self.sw.loops}
@@ -1045,14 +1082,11 @@ class GPT(nn.Module):
         B, T = ids.shape
         w_emb = self.tok_emb.qweight()
         x = F.embedding(ids, w_emb)
-        mask = None
-        if self.sw.doc_mask:  # block-diagonal causal: a query sees the keys of its own document only
-            doc = torch.cumsum(ids == BOS_ID, dim=1)
-            mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=ids.device).tril())[:, None]
+        mask = self.attn_mask(ids)
         if self.bigram is not None:
             nb = self.bigram.weight.size(0)
             h = bigram_buckets(ids, nb)
-            h = torch.where(ids == BOS_ID, nb - 1, h) if mask is not None else h  # a BOS hashes as a stream start
+            h = torch.where(ids == BOS_ID, nb - 1, h) if self.sw.doc_mask else h  # a BOS hashes as a stream start
             x = x + self.bigram_scale.to(x.dtype) * self.bigram_proj(self.bigram(h))
         x = rms_norm(x)
         if self.smear is not None:  # x_t <- (1 - g) x_t + g x_{t-1}; a document's BOS takes nothing from the previous one
@@ -1295,7 +1329,7 @@ def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
 CKPT_MAGIC = b"PGOLFCK\x01"  # file = magic + sha256(payload) + payload (torch.save of tensors, numbers and strings)
 # Settings that do not change what a run computes (names, places, logging and checkpoint cadence, kernels): they may
 # differ on resume, as may the world size, and the tools ignore them when comparing runs.
-FREE_SETTINGS = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH", "COMPILE", "TRAIN_LOG_EVERY",
+FREE_SETTINGS = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH", "COMPILE", "ATTN", "TRAIN_LOG_EVERY",
                  "VAL_LOSS_EVERY", "CHECKPOINT_EVERY", "RESUME")
 
 
@@ -1397,11 +1431,11 @@ def restore_checkpoint(ck: dict, ts: TrainState) -> None:
 def build_model(hp: Config, ctx: Context):
     """The model to train (log: parameter count and features), and what steps it: compiled, wrapped in DDP."""
     model = GPT(hp.arch, embed_bits=hp["EMBED_BITS"]).to(ctx.device)
+    model.attn_kernel = ctx.attn
     ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     model.set_qat(hp if hp["QAT_THRESHOLD"] > 0 else None)
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]
-    backend = "fa3" if _fa3 is not None and ctx.device.type == "cuda" else "sdpa"
-    ctx.log(f"features: attention:{backend} compile:{'on' if ctx.compile else 'off'} autocast:{'bf16' if ctx.amp else 'off'} "
+    ctx.log(f"features: attention:{ctx.attn} compile:{'on' if ctx.compile else 'off'} autocast:{'bf16' if ctx.amp else 'off'} "
             f"xsa_layers:{xsa} ve_layers:{model.ve_layers} layers_per_pass:{[len(o) for o in model.orders]} "
             f"ema:{hp['EMA_DECAY']} qat_threshold:{hp['QAT_THRESHOLD']} (every setting is in the log above)")
     fwd = torch.compile(model, dynamic=False) if ctx.compile else model
@@ -2039,10 +2073,12 @@ def read_artifact(path: str) -> tuple[dict, list[dict], int]:
     return *unpack_artifact(blob, path), len(blob)
 
 
-def load_artifact_model(path: str, device) -> tuple[GPT, dict, int]:
-    """The model rebuilt from the file alone: its architecture and loop depth from the metadata, weights dequantized."""
+def load_artifact_model(path: str, device, attn: str = "sdpa") -> tuple[GPT, dict, int]:
+    """The model rebuilt from the file alone: its architecture and loop depth from the metadata, weights dequantized;
+    `attn`: the attention kernel."""
     meta, entries, size = read_artifact(path)
     model = GPT(meta["config"])
+    model.attn_kernel = attn
     model.switch(loops=meta["config"]["LOOP_ACTIVE"])
     model = model.to(device)
     try:
@@ -2260,13 +2296,13 @@ def run(hp: Config, ctx: Context, run_id: str) -> dict:
         out |= export(hp, ctx, ts.model, hessians, code_bytes, path, ts.size_forecast)  # quantize, fit the cap, write
         out |= dict(model=ts.model, hessians=hessians, steps=ts.step, train_ms=ts.elapsed_ms, qat_enabled=ts.model.sw.qat,
                     model_params=sum(p.numel() for p in ts.model.parameters()))
-    rt, _, _ = load_artifact_model(path, ctx.device)             # round trip: every rank rebuilds it from the file
+    rt, _, _ = load_artifact_model(path, ctx.device, ctx.attn)   # round trip: every rank rebuilds it from the file
     out["roundtrip_model"], fwd = rt, eval_forward(rt, ctx.compile)
     out |= roundtrip_score(hp, ctx, fwd, val)
     if 0 < hp["EVAL_STRIDE"] < hp.eval_len:
         out |= sliding_score(hp, ctx, fwd, val)
     if hp["TTT"] != "off":
-        out |= ttt_score(hp, ctx, load_artifact_model(path, ctx.device)[0], val)  # a fresh copy: TTT changes weights
+        out |= ttt_score(hp, ctx, load_artifact_model(path, ctx.device, ctx.attn)[0], val)  # a fresh copy: TTT changes weights
     return out
 
 
@@ -2281,7 +2317,7 @@ def main(env=None) -> dict:
         dist.broadcast_object_list(box, src=0)
         run_id = box[0]
     use_compile = hp["COMPILE"] == 1 or (hp["COMPILE"] == -1 and device.type == "cuda")
-    ctx = Context(rank, world, device, amp_dtype(hp, device), use_compile, Logger(rank))
+    ctx = Context(rank, world, device, amp_dtype(hp, device), use_compile, Logger(rank), attn_backend(hp["ATTN"], device))
     ctx.on_rank0(lambda: ctx.log.open(os.path.join(hp["LOG_DIR"], f"{run_id}.txt")))
     try:
         if hp["EVAL_ONLY"]:  # the architecture is the artifact's, whatever the environment says
