@@ -14,6 +14,13 @@ the first --val-docs documents go to validation), manifest.json with the counts 
 sha256, and, when a tokenizer is trained, DIR/tokenizer.model + .vocab (or --tokenizer-out).
 The tokenizer is trained on training documents only, single-threaded with a fixed seed: reruns on
 the same input give byte-identical files. Nothing is replaced until the whole build has succeeded.
+
+No validation document may occur in training. Exact duplicates (documents whose texts are equal once normalized
+as the tokenizer normalizes them, so their tokens are equal) are dropped before the split, the first of each kept;
+a training document whose tokens equal a validation document's (different texts, e.g. characters the tokenizer
+maps to <unk>) is dropped too; the summary line says how many (--keep-duplicates keeps them all). Then the overlap
+check (data/overlap.py, as tools/check_data.py runs it) reads the written shards: if a validation document occurs
+in training the build fails with one line naming it, and nothing is replaced.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import shutil
 import signal
 import sys
 import time
+from array import array
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -42,6 +50,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from data.common import (BOS_ID, SHARD_MAGIC, SHARD_VERSION, UserError, read_shard_header, run_main,  # noqa: E402
                          write_atomic, write_shard)
+from data.overlap import doc_hash, overlap  # noqa: E402
 
 MAX_VOCAB = 1 << 16  # token ids are stored as uint16
 # The settings the published challenge tokenizers were trained with; byte_fallback is an option.
@@ -207,6 +216,43 @@ def vocab_text(model: bytes) -> str:
     return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
 
 
+# ----------------------------------------------------------------------------- duplicate documents
+def normalizer(model: bytes | None = None) -> Callable[[str], str]:
+    """The text normalization of a tokenizer: the given model's, else the one a tokenizer trained with SP_SETTINGS
+    gets (nmt_nfkc, runs of whitespace collapsed, no dummy prefix). SentencePiece encodes the normalized text, so two
+    documents with equal normalized texts get equal tokens whatever the vocabulary."""
+    if model is not None:
+        return spm.SentencePieceProcessor(model_proto=model).normalize
+    return spm.SentencePieceNormalizer(rule_name=SP_SETTINGS["normalization_rule_name"],
+                                       add_dummy_prefix=SP_SETTINGS["add_dummy_prefix"],
+                                       remove_extra_whitespaces=True).normalize
+
+
+def text_key(doc: str, normalize: Callable[[str], str]) -> int:
+    """A document's identity as the tokenizer sees it: the blake2b hash (8 bytes) of its normalized text."""
+    return int.from_bytes(hashlib.blake2b(normalize(doc).encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def first_occurrences(keys) -> np.ndarray:
+    """A boolean mask over the documents: True for the first document of each key, False for its later duplicates."""
+    keys = np.frombuffer(keys, dtype=np.uint64) if isinstance(keys, array) else np.asarray(keys, dtype=np.uint64)
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[np.unique(keys, return_index=True)[1]] = True
+    return keep
+
+
+def unique_documents(docs: Iterable[str], model: bytes | None = None) -> list[str]:
+    """The documents without exact duplicates (equal text once normalized by the tokenizer, see `normalizer`),
+    the first of each kept, in order: what build_dataset keeps by default."""
+    normalize, seen, out = normalizer(model), set(), []
+    for d in docs:
+        k = text_key(d, normalize)
+        if k not in seen:
+            seen.add(k)
+            out.append(d)
+    return out
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -229,13 +275,17 @@ def _init_pool_worker(model: bytes) -> None:
     _init_worker(model)
 
 
-def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """BOS + tokens of each text, concatenated; plus each document's length in tokens."""
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BOS + tokens of each text, concatenated; each document's length in tokens (with its BOS); and each document's
+    token hash as a uint64 (data/overlap.py's doc_hash, the identity the overlap check compares)."""
     ids = _SP.encode(texts, num_threads=1)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(itertools.chain((BOS_ID,), x) for x in ids),
-                       dtype=np.int32, count=int(lens.sum()))
-    return flat.astype(np.uint16), lens
+                       dtype=np.int32, count=int(lens.sum())).astype(np.uint16)
+    ends = np.cumsum(lens)
+    hashes = np.frombuffer(b"".join(doc_hash(flat[e - n + 1:e]) for e, n in zip(ends.tolist(), lens.tolist())),
+                           dtype="<u8")
+    return flat, lens, hashes
 
 
 def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
@@ -250,7 +300,7 @@ def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def encode_documents(docs: Iterable[str], model: bytes, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def encode_documents(docs: Iterable[str], model: bytes, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Encode in a process pool, results in input order, with a bounded number of chunks in flight."""
     if workers <= 1:
         _init_worker(model)
@@ -271,10 +321,15 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
                   tokenizer: str | Path | None = None, vocab_size: int = 1024, tokenizer_out: str | Path | None = None,
                   byte_fallback: bool = False, val_docs: int | None = None, shard_tokens: int = 100_000_000,
                   train_chars: int = 100_000_000, workers: int | None = None, inputs: list[str] | None = None,
-                  progress: bool = True) -> dict:
+                  keep_duplicates: bool = False, meta: dict | None = None, progress: bool = True) -> dict:
     """Tokenizer (trained or given) + shards + manifest.json in out_dir; returns the manifest.
 
-    `docs` is called once per pass over the documents and must yield the same documents each time.
+    `docs` is called once per pass over the documents and must yield the same documents each time. Unless
+    `keep_duplicates`, exact duplicates (equal text once normalized by the tokenizer) are dropped before the split,
+    the first of each kept, and so is a training document whose tokens equal a validation document's (different
+    texts with equal tokens: characters the tokenizer maps to <unk>). The overlap check (data/overlap.py) then runs
+    on the written shards; a validation document that occurs in training fails the build (a UserError naming it) and
+    nothing is replaced. `meta` is stored in the manifest as is.
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -282,15 +337,8 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         raise UserError(f"--shard-tokens must be between 1 and {(1 << 31) - 1}")
     if tokenizer is None:
         check_vocab_size(vocab_size)
-    n_docs = sum(1 for _ in tqdm(docs(), desc="scan", unit=" doc", disable=None if progress else True, leave=False))
-    if n_docs == 0:
-        raise UserError("the input has no documents (all files empty or whitespace-only)")
-    if val_docs is None:
-        val_docs = min(50_000, max(1, n_docs // 10))
-    if not 0 <= val_docs < n_docs:
-        raise UserError(f"--val-docs {val_docs} leaves no training documents (the input has {n_docs} documents)")
-
-    if tokenizer is not None:
+        model = None
+    else:
         model = Path(tokenizer).read_bytes()
         try:
             sp = spm.SentencePieceProcessor(model_proto=model)
@@ -301,9 +349,41 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         if sp.bos_id() != BOS_ID:
             raise UserError(f"{tokenizer}: BOS id is {sp.bos_id()}, but challenge shards start documents with id {BOS_ID}")
         tok_path = Path(tokenizer)
-    else:
+
+    # scan: count the documents and, unless duplicates are kept, find them (one 8-byte hash per document in memory)
+    keys, normalize = array("Q"), normalizer(model)
+    n_input = 0
+    for d in tqdm(docs(), desc="scan", unit=" doc", disable=None if progress else True, leave=False):
+        n_input += 1
+        if not keep_duplicates:
+            keys.append(text_key(d, normalize))
+    if n_input == 0:
+        raise UserError("the input has no documents (all files empty or whitespace-only)")
+    keep = None if keep_duplicates else first_occurrences(keys)
+    del keys
+    n_docs = n_input if keep is None else int(keep.sum())
+    dropped = {"text": n_input - n_docs, "tokens": 0}  # exact duplicates; training documents with a validation's tokens
+
+    def kept() -> Iterator[str]:
+        """The documents that are built, in order (the duplicates dropped); refuses an input that grew."""
+        i = -1
+        for i, d in enumerate(docs()):
+            if i >= n_input:
+                raise UserError(f"the input changed while it was read ({n_input} documents, then more)")
+            if keep is None or keep[i]:
+                yield d
+        if i + 1 != n_input:
+            raise UserError(f"the input changed while it was read ({n_input} documents, then {i + 1})")
+
+    if val_docs is None:
+        val_docs = min(50_000, max(1, n_docs // 10))
+    if not 0 <= val_docs < n_docs:
+        raise UserError(f"--val-docs {val_docs} leaves no training documents (the input has {n_docs} documents"
+                        + (f" once {dropped['text']:,} duplicates are dropped" if dropped["text"] else "") + ")")
+
+    if tokenizer is None:
         log(progress, f"training BPE tokenizer, vocab {vocab_size}, on the {n_docs - val_docs} training documents")
-        model = train_tokenizer(itertools.islice(docs(), val_docs, None), vocab_size, byte_fallback=byte_fallback,
+        model = train_tokenizer(itertools.islice(kept(), val_docs, None), vocab_size, byte_fallback=byte_fallback,
                                 max_chars=train_chars, progress=progress)
         n_vocab = vocab_size
         tok_path = Path(tokenizer_out) if tokenizer_out else out_dir / "tokenizer.model"
@@ -315,12 +395,22 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
     try:
         writer = ShardWriter(stage, prefix, shard_tokens)
         counts = {"docs": {"val": 0, "train": 0}, "tokens": {"val": 0, "train": 0}}
+        val_hashes: set[int] = set()
         done = 0
         bar = tqdm(total=n_docs, desc="encode", unit=" doc", disable=None if progress else True, leave=False)
-        for toks, lens in encode_documents(docs(), model, workers or available_cpus()):
+        for toks, lens, hashes in encode_documents(kept(), model, workers or available_cpus()):
             k = min(max(val_docs - done, 0), len(lens))  # documents of this chunk that go to validation
             cut = int(lens[:k].sum())
-            for split, part, nd in (("val", toks[:cut], k), ("train", toks[cut:], len(lens) - k)):
+            if k:
+                val_hashes.update(hashes[:k].tolist())
+            train, train_lens = toks[cut:], lens[k:]
+            if not keep_duplicates and val_hashes and len(train_lens):
+                # equal tokens, different text (the exact duplicates are gone): the training copy goes
+                same = np.fromiter((h in val_hashes for h in hashes[k:].tolist()), dtype=bool, count=len(train_lens))
+                if same.any():
+                    dropped["tokens"] += int(same.sum())
+                    train, train_lens = train[np.repeat(~same, train_lens)], train_lens[~same]
+            for split, part, nd in (("val", toks[:cut], k), ("train", train, len(train_lens))):
                 if nd:
                     writer.add(split, part)
                     counts["docs"][split] += nd
@@ -331,6 +421,14 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         writer.flush()
         if done != n_docs:
             raise UserError(f"the input changed while it was read ({n_docs} documents, then {done})")
+
+        # the overlap check on what was written, before anything is replaced
+        t_check = time.time()
+        check = overlap([stage / s["file"] for s in writer.shards["train"]],
+                        [stage / s["file"] for s in writer.shards["val"]], progress=_progress if progress else None)
+        t_check = time.time() - t_check
+        if check["hits"]:
+            raise UserError(_leak_message(check["hits"], model, keep_duplicates))
 
         # commit: drop the old manifest first, so a crash below leaves no manifest rather than a wrong one
         (out_dir / "manifest.json").unlink(missing_ok=True)
@@ -353,17 +451,53 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         "tokenizer": {"model": os.path.relpath(tok_path, out_dir), "sha256": hashlib.sha256(model).hexdigest(),
                       "vocab_size": n_vocab, "trained": tokenizer is None,
                       **({"byte_fallback": byte_fallback, "train_chars_max": train_chars} if tokenizer is None else {})},
+        "input_docs": n_input,
+        "duplicates": ({"kept": True} if keep_duplicates else
+                       {"kept": False, "dropped_text": dropped["text"], "dropped_train_tokens": dropped["tokens"]}),
+        "overlap": {"val_docs_in_train": 0, "checked": "data/overlap.py: exact token-sequence hashes"},
         "val_docs": val_docs,
         "shard_tokens": shard_tokens,
         **counts,
         "shards": writer.shards,
+        **({"meta": meta} if meta else {}),
     }
     write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", what="manifest")
+    n_dropped = dropped["text"] + dropped["tokens"]
+    dups = ("duplicates kept (--keep-duplicates)" if keep_duplicates else
+            f"dropped {n_dropped:,} duplicate document{'' if n_dropped == 1 else 's'}" + (
+                f" ({dropped['text']:,} exact, {dropped['tokens']:,} training with a validation document's tokens)"
+                if n_dropped else ""))
     log(progress, f"{out_dir}: {counts['docs']['train']:,} train docs / {counts['tokens']['train']:,} tokens in "
                   f"{len(writer.shards['train'])} shard(s), {counts['docs']['val']:,} val docs / "
-                  f"{counts['tokens']['val']:,} tokens in {len(writer.shards['val'])} shard(s); tokenizer {tok_path} "
-                  f"(vocab {n_vocab}); {time.time() - t0:.1f} s")
+                  f"{counts['tokens']['val']:,} tokens in {len(writer.shards['val'])} shard(s); {dups}; overlap check: "
+                  f"no validation document in training ({t_check:.1f} s); tokenizer {tok_path} (vocab {n_vocab}); "
+                  f"{time.time() - t0:.1f} s")
     return manifest
+
+
+def _leak_message(hits: list[dict], model: bytes, keep_duplicates: bool) -> str:
+    """One line: the first validation document that occurs in training (index, tokens, the start of its text), how
+    many more do, and what to do."""
+    h = hits[0]
+    text = " ".join(spm.SentencePieceProcessor(model_proto=model).decode(h["ids"]).split())
+    preview = repr(text[:60]) + ("..." if len(text) > 60 or h["tokens"] > len(h["ids"]) else "")
+    n = len(hits) - 1
+    more = f" (and {n:,} more validation document{'s' if n > 1 else ''})" if n else ""
+    fix = ("remove the duplicate from the input, or build without --keep-duplicates (which drops duplicates)"
+           if keep_duplicates else "duplicates should have been dropped: this is a bug in prepare_text.py, please report it")
+    return (f"overlap check failed: validation document {h['index']:,} ({h['tokens']:,} tokens, {preview}) is also "
+            f"training document {h['train_index']:,}{more}; nothing was written; {fix}")
+
+
+def _progress(phase: str, n_shards: int, n_tokens: int) -> Callable[[int], None]:
+    """A tqdm bar over the tokens of one phase of the overlap check (on a terminal only)."""
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=f"overlap check: {phase}", disable=None, leave=False)
+
+    def update(n: int) -> None:
+        bar.update(n)
+        if bar.n >= n_tokens:
+            bar.close()
+    return update
 
 
 def verify_dataset(out_dir: str | Path) -> dict:
@@ -406,7 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the tokenizer on at most this many characters, the first ones of the training "
                         "documents (default 100M; 0 = all)")
     p.add_argument("--val-docs", type=int, metavar="K",
-                   help="the first K documents form the validation split (default 10%% of them, at most 50,000)")
+                   help="the first K documents (duplicates dropped) form the validation split (default 10%% of them, "
+                        "at most 50,000)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep exact-duplicate documents (by default the later copies are dropped before the split); "
+                        "the build still fails if a validation document then occurs in training")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M, as published)")
     p.add_argument("--prefix", help="shard name prefix (default: DIR's name up to its first '_', e.g. corpus_sp1024 -> corpus)")
     p.add_argument("--text-docs", choices=["blank-line", "file", "line"], default="blank-line",
@@ -428,7 +566,8 @@ def _main(argv: list[str] | None) -> int:
                   prefix=args.prefix or out.resolve().name.split("_")[0], tokenizer=args.tokenizer,
                   vocab_size=args.vocab_size, tokenizer_out=args.tokenizer_out, byte_fallback=args.byte_fallback,
                   val_docs=args.val_docs, shard_tokens=args.shard_tokens, train_chars=args.train_chars,
-                  workers=args.workers, inputs=[str(f) for f in files], progress=not args.quiet)
+                  workers=args.workers, inputs=[str(f) for f in files], keep_duplicates=args.keep_duplicates,
+                  progress=not args.quiet)
     return 0
 
 

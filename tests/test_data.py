@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -416,3 +417,25 @@ def test_build_sample_is_readable():
     t = time.time()
     assert build_sample.ensure_sample(REPO) == (data_path, tok_path)  # valid outputs are reused, not rebuilt
     assert time.time() - t < 5
+
+
+def test_a_sample_of_an_older_version_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """A cached sample built before duplicates were dropped (no sample_version in its manifest) is not reused."""
+    data_path, tok_path = build_sample.ensure_sample(REPO)
+    new_data, new_tok = build_sample.sample_paths(tmp_path)
+    shutil.copytree(data_path, new_data)
+    new_tok.parent.mkdir(parents=True)
+    shutil.copy(tok_path, new_tok)
+    manifest = json.loads((new_data / "manifest.json").read_text())
+    assert manifest["meta"] == {"sample_version": build_sample.SAMPLE_VERSION} and build_sample.SAMPLE_VERSION >= 2
+    assert build_sample._ready(new_data, new_tok) == (manifest, "")
+    del manifest["meta"]  # as version 1 wrote it
+    (new_data / "manifest.json").write_text(json.dumps(manifest))
+    ready, why = build_sample._ready(new_data, new_tok)
+    assert ready is None and why.startswith("built by an older build_sample.py (sample version 1, now ")
+    calls = []
+    monkeypatch.setattr(build_sample.prepare_text, "build_dataset", lambda *a, **k: calls.append(k) or {
+        "tokens": {"train": 0, "val": 0}})
+    assert build_sample.ensure_sample(tmp_path, progress=True) == (new_data, new_tok)
+    assert len(calls) == 1 and calls[0]["meta"] == {"sample_version": build_sample.SAMPLE_VERSION}
+    assert capsys.readouterr().out.startswith(f"rebuilding the sample data in {new_data}: built by an older")
