@@ -1535,7 +1535,8 @@ def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
     opts = build_optimizers(hp, ctx, model)
     files = shard_files(hp, "train")
     accum = hp["MICRO_BATCHES"] // ctx.world
-    ctx.log(f"train_shards:{len(files)} val_tokens:{len(val.tokens)} val_bytes:{'sidecar' if val.sidecar is not None else 'tokenizer'} world_size:{ctx.world} grad_accum_steps:{accum} "
+    ctx.log(f"train_shards:{len(files)} val_tokens:{len(val.tokens)} "
+            f"val_bytes:{'tokenizer' if val.sidecar is None else 'sidecar'} world_size:{ctx.world} grad_accum_steps:{accum} "
             f"micro_batch_seqs:{hp['TRAIN_BATCH_TOKENS'] // hp['TRAIN_SEQ_LEN'] // ctx.world // accum}")
     ck_steps, ck_secs = hp.checkpoint_every
     ck_path, ck_config = os.path.join(hp["LOG_DIR"], f"{run_id}.ckpt"), checkpoint_config(hp, files)
