@@ -135,11 +135,11 @@ def token_bytes(encoded: str, offsets) -> np.ndarray:
     cuts = np.concatenate(([0], begins[1:], [len(encoded)]))
     csum = np.concatenate(([0], np.cumsum(w)))
     out = csum[cuts[1:]] - csum[cuts[:-1]]
-    # a token that starts at a marker (weight 0; an escaped character weighs its bytes) passes what it took on
-    at_marker = (begins < len(encoded)) & (w[begins.clip(max=len(encoded) - 1)] == 0) if len(encoded) else begins < 0
-    for i in np.flatnonzero(at_marker).tolist():
-        j = i + 1 if i + 1 < n else i - 1
-        if out[i] and j >= 0:
-            out[j] += out[i]
-            out[i] = 0
+    if len(encoded):  # a token that starts at a marker (weight 0; an escaped character weighs its bytes) passes on
+        at_marker = (begins < len(encoded)) & (w[begins.clip(max=len(encoded) - 1)] == 0)  # what it took
+        for i in np.flatnonzero(at_marker).tolist():
+            j = i + 1 if i + 1 < n else i - 1
+            if out[i] and j >= 0:
+                out[j] += out[i]
+                out[i] = 0
     return out
