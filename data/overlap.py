@@ -1,7 +1,7 @@
 """Validation documents that also occur in training: exact token-sequence hashes, streamed shard by shard.
 
-The one implementation of the train/validation overlap check (tools/check_data.py is its command line; a data
-preparation script can call it on the shards it wrote). A document is BOS_ID followed by its tokens up to the next
+The one implementation of the train/validation overlap check (tools/check_data.py is its command line;
+data/prepare_text.py runs it on the shards of every build and fails the build on a leak). A document is BOS_ID followed by its tokens up to the next
 BOS_ID (data/common.py's shard format); a document cut by the end of a shard continues at the start of the next one.
 Its identity is the blake2b hash (8 bytes) of its tokens (BOS excluded) as little-endian uint16. Only the validation
 hashes are kept in memory; the training shards are read through a memory map, one at a time, and hashed document by
