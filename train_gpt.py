@@ -525,7 +525,7 @@ def load_data_shard(path: str) -> np.ndarray:
 
 def shard_files(hp, split: str) -> list[str]:
     pattern = os.path.join(hp["DATA_PATH"], f"*_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if "_val_bytes_" not in os.path.basename(f))  # not the byte sidecar
     if not files:
         folder = os.path.basename(os.path.normpath(hp["DATA_PATH"]))
         variant = folder[len("fineweb10B_"):] if folder.startswith("fineweb10B_") else "sp1024"
@@ -593,25 +593,53 @@ def byte_luts(hp, device) -> tuple[Tensor, Tensor, Tensor]:
 
 @dataclasses.dataclass
 class Validation:
-    """The validation tokens scored (int32, on the device), their byte-count tables (byte_luts) and the length of
-    the whole split (for time estimates when VAL_MAX_TOKENS scores a prefix)."""
+    """The validation tokens scored (int32, on the device), their byte-count tables (byte_luts), the length of
+    the whole split (for time estimates when VAL_MAX_TOKENS scores a prefix) and, when DATA_PATH has a byte sidecar
+    (CaseOps data), each position's original UTF-8 bytes (int32, on the device), which replace the tables."""
     tokens: Tensor
     luts: tuple[Tensor, Tensor, Tensor]
     full_tokens: int
+    sidecar: Tensor | None = None
+
+    def bytes_at(self, pos: Tensor) -> Tensor | None:
+        """The sidecar's bytes of the targets at stream positions `pos`; None: count them with the tables."""
+        return None if self.sidecar is None else self.sidecar[pos]
+
+
+def val_byte_sidecar(files: list[str]) -> list[str] | None:
+    """The byte sidecar of the validation shards: <prefix>_val_bytes_NNNNNN.bin beside each <prefix>_val_NNNNNN.bin
+    (the layout of the public CaseOps datasets: the shard header, then one uint16 per token, the original UTF-8 bytes
+    it stands for), or None when there is none. Each must hold as many values as its shard has tokens."""
+    found = {f for d in {os.path.dirname(f) for f in files} for f in glob.glob(os.path.join(d, "*_val_bytes_*.bin"))}
+    if not found:
+        return None
+    pairs = [(f, "_val_bytes_".join(f.rsplit("_val_", 1))) for f in files]
+    for f, b in pairs:
+        if b not in found:
+            raise UserError(f"validation shard {f} has no byte sidecar {b} while others have one; rebuild the data "
+                            "(prepare_text.py --caseops) or download it again")
+        if read_shard_header(b) != read_shard_header(f):
+            raise UserError(f"byte sidecar {b} has {read_shard_header(b)} values but {f} has {read_shard_header(f)} "
+                            "tokens; rebuild the data (prepare_text.py --caseops) or download it again")
+    return [b for _, b in pairs]
 
 
 def load_validation(hp: Config, device) -> Validation:
-    """Validation tokens (a prefix if VAL_MAX_TOKENS), with their byte counts."""
+    """Validation tokens (a prefix if VAL_MAX_TOKENS), with their byte counts: the byte sidecar's if there is one,
+    else the tokenizer's tables."""
     files = shard_files(hp, "val")
     full = sum(read_shard_header(f) for f in files)
     tokens = np.concatenate([load_data_shard(f) for f in files])
+    side = val_byte_sidecar(files)
+    side = None if side is None else np.concatenate([load_data_shard(f) for f in side])
     if hp["VAL_MAX_TOKENS"] > 0:
-        tokens = tokens[: hp["VAL_MAX_TOKENS"]]
+        tokens, side = tokens[: hp["VAL_MAX_TOKENS"]], None if side is None else side[: hp["VAL_MAX_TOKENS"]]
     if len(tokens) < hp.eval_len + 1:
         raise UserError(f"validation split has {len(tokens)} tokens, fewer than one sequence of {hp.eval_len} + 1; "
                         "lower EVAL_SEQ_LEN/TRAIN_SEQ_LEN or raise VAL_MAX_TOKENS")
     tokens = torch.from_numpy(tokens.astype(np.int32)).to(device)
-    return Validation(tokens, byte_luts(hp, device), full)
+    side = None if side is None else torch.from_numpy(side.astype(np.int32)).to(device)
+    return Validation(tokens, byte_luts(hp, device), full, side)
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -1143,11 +1171,13 @@ def window_plan(n_tokens: int, L: int, stride: int) -> tuple[Tensor, Tensor]:
     return starts, score
 
 
-def score_sums(nll: Tensor, x: Tensor, y: Tensor, mask: Tensor, luts) -> Tensor:
+def score_sums(nll: Tensor, x: Tensor, y: Tensor, mask: Tensor, luts, nbytes: Tensor | None = None) -> Tensor:
     """float64 (nll, bytes, tokens) summed over the masked targets y of inputs x: bytes as the challenge counts them,
-    a piece's bytes plus its leading space unless the previous token (x) is a boundary."""
-    base, lead, bound = luts
-    nbytes = base[y] + (lead[y] & ~bound[x])
+    a piece's bytes plus its leading space unless the previous token (x) is a boundary, or `nbytes` (the byte
+    sidecar's, Validation.bytes_at) when given."""
+    if nbytes is None:
+        base, lead, bound = luts
+        nbytes = base[y] + (lead[y] & ~bound[x])
     return torch.stack((torch.where(mask, nll.double(), 0.0).sum(), (nbytes * mask).sum().double(), mask.sum().double()))
 
 
@@ -1177,7 +1207,7 @@ def eval_sums(ctx: Context, forward, val: Validation, L: int, stride: int, batch
         with ctx.autocast():
             nll = forward(x, y)
         mask = (pos[None, :] >= f[:, None]) & (pos[None, :] < e[:, None])
-        sums += score_sums(nll, x, y, mask, val.luts)
+        sums += score_sums(nll, x, y, mask, val.luts, val.bytes_at(s[:, None] + 1 + pos))
         if out is not None:
             out[(s[:, None] + 1 + pos)[mask]] = nll[mask].double()
         bar.update(n)
@@ -1540,7 +1570,8 @@ def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
     opts = build_optimizers(hp, ctx, model)
     files = shard_files(hp, "train")
     accum = hp["MICRO_BATCHES"] // ctx.world
-    ctx.log(f"train_shards:{len(files)} val_tokens:{len(val.tokens)} world_size:{ctx.world} grad_accum_steps:{accum} "
+    ctx.log(f"train_shards:{len(files)} val_tokens:{len(val.tokens)} "
+            f"val_bytes:{'tokenizer' if val.sidecar is None else 'sidecar'} world_size:{ctx.world} grad_accum_steps:{accum} "
             f"micro_batch_seqs:{hp['TRAIN_BATCH_TOKENS'] // hp['TRAIN_SEQ_LEN'] // ctx.world // accum}")
     ck_steps, ck_secs = hp.checkpoint_every
     ck_path, ck_config = os.path.join(hp["LOG_DIR"], f"{run_id}.ckpt"), checkpoint_config(hp, files)
@@ -2200,7 +2231,7 @@ def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor |
                 mask = (tgt >= first[:, None]) & (tgt <= last[:, None])
                 with ctx.autocast():
                     nll = model(x, y, per_token=True)
-                sums += score_sums(nll.detach(), x, y, mask, val.luts)
+                sums += score_sums(nll.detach(), x, y, mask, val.luts, val.bytes_at(tgt.clamp(max=n - 1)))
                 if out is not None:
                     out[tgt[mask]] = nll.detach()[mask].double()
                 ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()

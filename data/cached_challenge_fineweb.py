@@ -6,8 +6,11 @@
 
 Where each variant comes from: sp4096 and sp8192 (the byte-fallback tokenizers of the later records) from the
 Hugging Face dataset kevclark/parameter-golf, every other variant (sp1024, byte260, ...) from
-willdepueoai/parameter-golf. --repo OWNER/NAME (or PG_DATA_REPO) takes every variant from that dataset instead.
-Both publish the same layout (below).
+willdepueoai/parameter-golf, and sp8192_lossless_caps_caseops_v1_reserved (CaseOps: lower-cased text with case markers,
+sp8192; the tokenizer of the 1.0611 record) from romeerp/parameter-golf-caseops-v1, with its validation byte sidecar
+fineweb_val_bytes_NNNNNN.bin (one uint16 per validation token: the original UTF-8 bytes it stands for; train_gpt.py
+charges val_bpb on them). --repo OWNER/NAME (or PG_DATA_REPO) takes every variant from that dataset instead.
+All publish the same layout (below).
 
 writes data/datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin (all validation shards and the
 first N training shards), the tokenizer files into data/tokenizers/, and the repository's manifest.json
@@ -24,7 +27,9 @@ Manifest layout this reads (ROOT/manifest.json, the one the published export wri
 "tokens_val", ...}}], "tokenizers": [{"name": T, "model_path" / "vocab_path" / "path": "tokenizers/..."}]}.
 Only the dataset names and file counts are required; shard token counts are checked where the stats
 and shard_size determine them (every shard but the last of a split holds shard_size tokens). Files: shards at
-ROOT/datasets/<name>/fineweb_{val,train}_NNNNNN.bin, tokenizer files at ROOT/<model_path> etc.
+ROOT/datasets/<name>/fineweb_{val,train}_NNNNNN.bin, tokenizer files at ROOT/<model_path> etc. A dataset entry with
+"val_bytes_glob" (CaseOps) also has ROOT/datasets/<name>/fineweb_val_bytes_NNNNNN.bin beside each validation shard,
+with as many values as that shard has tokens.
 """
 from __future__ import annotations
 
@@ -50,7 +55,8 @@ from data.common import SHARD_HEADER_INTS, UserError, read_shard_header, run_mai
 
 DATASET_PREFIX = "fineweb10B_"
 DEFAULT_REPO = "willdepueoai/parameter-golf"
-VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}  # not in DEFAULT_REPO
+VARIANT_REPOS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf",  # not in DEFAULT_REPO
+                 "sp8192_lossless_caps_caseops_v1_reserved": "romeerp/parameter-golf-caseops-v1"}
 RETRY_WAIT = 1.0  # seconds before the first retry; doubles each time (tests set 0)
 TIMEOUT = 60
 BLOCK = 1 << 20
@@ -266,9 +272,12 @@ def plan(manifest: dict, variant: str, train_shards: int, with_docs: bool, data_
 
     shard_size = manifest.get("shard_size", entry.get("shard_size"))
     items = []
-    for split, n_files, count in (("val", n_val, n_val), ("train", n_train, train_shards)):
+    kinds = (("val", n_val, n_val), ("train", n_train, train_shards))
+    if entry.get("val_bytes_glob"):  # CaseOps: the byte sidecar, cut like the validation shards
+        kinds = (("val", n_val, n_val), ("val_bytes", n_val, n_val), ("train", n_train, train_shards))
+    for split, n_files, count in kinds:
         for i in range(count):
-            tokens = _shard_tokens(i, n_files, stats.get(f"tokens_{split}"), shard_size)
+            tokens = _shard_tokens(i, n_files, stats.get(f"tokens_{split.split('_')[0]}"), shard_size)
             size = None if tokens is None else 4 * SHARD_HEADER_INTS + 2 * tokens
             rel = f"datasets/{name}/fineweb_{split}_{i:06d}.bin"
             items.append(Item(rel, data_dir / "datasets" / name / Path(rel).name, size, tokens, shard=True))
@@ -329,7 +338,9 @@ def present_ok(it: Item, size: int | None) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="sp1024", help="tokenizer family, e.g. sp1024 (default), sp4096, sp8192, "
-                                                       "byte260; the manifest lists what is published")
+                                                       "byte260, sp8192_lossless_caps_caseops_v1_reserved (CaseOps, "
+                                                       "with the validation byte sidecar); the manifest lists what is "
+                                                       "published")
     p.add_argument("--repo", metavar="OWNER/NAME", help=f"Hugging Face dataset to read (default: PG_DATA_REPO, else "
                    f"{VARIANT_REPOS['sp8192']} for {' and '.join(VARIANT_REPOS)}, {DEFAULT_REPO} for the others)")
     p.add_argument("--train-shards", type=_nonneg, default=80, metavar="N",

@@ -21,6 +21,12 @@ a training document whose tokens equal a validation document's (different texts,
 maps to <unk>) is dropped too; the summary line says how many (--keep-duplicates keeps them all). Then the overlap
 check (data/overlap.py, as tools/check_data.py runs it) reads the written shards: if a validation document occurs
 in training the build fails with one line naming it, and nothing is replaced.
+
+--caseops: every document is first transformed by data/caseops.py (capitals lowered behind private-use case markers,
+losslessly); the tokenizer is trained on the transformed text with the markers as user-defined symbols (one token
+each), and validation also gets the byte sidecar <prefix>_val_bytes_NNNNNN.bin: the shard header, then one uint16 per
+validation token, the ORIGINAL UTF-8 bytes that token stands for (0 for BOS and markers), cut like the token shards.
+train_gpt.py charges val_bpb on those bytes.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:
 from data.common import (BOS_ID, SHARD_MAGIC, SHARD_VERSION, UserError, read_shard_header, run_main,  # noqa: E402
                          write_atomic, write_shard)
 from data.overlap import doc_hash, overlap  # noqa: E402
+from data import caseops as caseops_mod  # noqa: E402
 
 MAX_VOCAB = 1 << 16  # token ids are stored as uint16
 # The settings the published challenge tokenizers were trained with; byte_fallback is an option.
@@ -154,16 +161,17 @@ class ShardWriter:
 
     def flush(self) -> None:
         if self.fill:
-            name = f"{self.prefix}_{self.split}_{len(self.shards[self.split]):06d}.bin"
+            name = f"{self.prefix}_{self.split}_{len(self.shards.get(self.split, [])):06d}.bin"
             write_shard(self.out_dir / name, self.buf[:self.fill])
-            self.shards[self.split].append({"file": name, "tokens": self.fill})
+            self.shards.setdefault(self.split, []).append({"file": name, "tokens": self.fill})
             self.fill = 0
 
 
 # ----------------------------------------------------------------------------- tokenizer
 def train_tokenizer(docs: Iterable[str], vocab_size: int, *, byte_fallback: bool = False,
-                    max_chars: int = 0, progress: bool = True) -> bytes:
+                    max_chars: int = 0, progress: bool = True, user_symbols: tuple[str, ...] = ()) -> bytes:
     """Train a BPE model with the challenge settings on the lines of `docs`; return the model bytes.
+    `user_symbols` (the CaseOps markers) become pieces that are always one token each.
 
     Deterministic: one thread, fixed seed, no sampling (input is cut at `max_chars` in order).
     """
@@ -190,7 +198,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, *, byte_fallback: bool
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, byte_fallback=byte_fallback,
             num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 14,
-            minloglevel=2, **SP_SETTINGS)
+            minloglevel=2, **({"user_defined_symbols": list(user_symbols)} if user_symbols else {}), **SP_SETTINGS)
     except RuntimeError as e:
         if failure:
             raise failure[0]
@@ -275,17 +283,28 @@ def _init_pool_worker(model: bytes) -> None:
     _init_worker(model)
 
 
-def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """BOS + tokens of each text, concatenated; each document's length in tokens (with its BOS); and each document's
-    token hash as a uint64 (data/overlap.py's doc_hash, the identity the overlap check compares)."""
-    ids = _SP.encode(texts, num_threads=1)
+def _encode_chunk(texts: list[str], n_bytes: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """BOS + tokens of each text, concatenated; each document's length in tokens (with its BOS); each document's
+    token hash as a uint64 (data/overlap.py's doc_hash, the identity the overlap check compares); and for the first
+    `n_bytes` texts (CaseOps-transformed) the original UTF-8 bytes of each of their tokens, 0 for BOS (uint16)."""
+    nbytes = np.zeros(0, dtype=np.uint16)
+    if n_bytes:
+        maps = _SP.encode(texts[:n_bytes], out_type="offset_mapping", num_threads=1)
+        ids = [m["ids"] for m in maps] + _SP.encode(texts[n_bytes:], num_threads=1)
+        counts = np.concatenate([c for t, m in zip(texts, maps) for c in ([0], caseops_mod.token_bytes(t, m["offsets"]))])
+        if counts.max(initial=0) > np.iinfo(np.uint16).max:
+            raise UserError(f"a validation token stands for {counts.max():,} bytes, more than the byte sidecar's "
+                            "uint16 holds (a run of characters the tokenizer drops?)")
+        nbytes = counts.astype(np.uint16)
+    else:
+        ids = _SP.encode(texts, num_threads=1)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(itertools.chain((BOS_ID,), x) for x in ids),
                        dtype=np.int32, count=int(lens.sum())).astype(np.uint16)
     ends = np.cumsum(lens)
     hashes = np.frombuffer(b"".join(doc_hash(flat[e - n + 1:e]) for e, n in zip(ends.tolist(), lens.tolist())),
                            dtype="<u8")
-    return flat, lens, hashes
+    return flat, lens, hashes, nbytes
 
 
 def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
@@ -300,16 +319,24 @@ def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def encode_documents(docs: Iterable[str], model: bytes, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Encode in a process pool, results in input order, with a bounded number of chunks in flight."""
+def encode_documents(docs: Iterable[str], model: bytes, workers: int, bytes_docs: int = 0
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Encode in a process pool, results in input order, with a bounded number of chunks in flight; the first
+    `bytes_docs` documents also get their tokens' original byte counts (_encode_chunk)."""
+    def jobs() -> Iterator[tuple[list[str], int]]:
+        seen = 0
+        for chunk in _chunks(docs):
+            yield chunk, min(max(bytes_docs - seen, 0), len(chunk))
+            seen += len(chunk)
+
     if workers <= 1:
         _init_worker(model)
-        yield from map(_encode_chunk, _chunks(docs))
+        yield from itertools.starmap(_encode_chunk, jobs())
         return
     with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(model,)) as pool:
         pending: deque = deque()
-        for chunk in _chunks(docs):
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        for job in jobs():
+            pending.append(pool.apply_async(_encode_chunk, job))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -321,7 +348,8 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
                   tokenizer: str | Path | None = None, vocab_size: int = 1024, tokenizer_out: str | Path | None = None,
                   byte_fallback: bool = False, val_docs: int | None = None, shard_tokens: int = 100_000_000,
                   train_chars: int = 100_000_000, workers: int | None = None, inputs: list[str] | None = None,
-                  keep_duplicates: bool = False, meta: dict | None = None, progress: bool = True) -> dict:
+                  keep_duplicates: bool = False, meta: dict | None = None, progress: bool = True,
+                  caseops: bool = False) -> dict:
     """Tokenizer (trained or given) + shards + manifest.json in out_dir; returns the manifest.
 
     `docs` is called once per pass over the documents and must yield the same documents each time. Unless
@@ -329,7 +357,9 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
     the first of each kept, and so is a training document whose tokens equal a validation document's (different
     texts with equal tokens: characters the tokenizer maps to <unk>). The overlap check (data/overlap.py) then runs
     on the written shards; a validation document that occurs in training fails the build (a UserError naming it) and
-    nothing is replaced. `meta` is stored in the manifest as is.
+    nothing is replaced. `meta` is stored in the manifest as is. `caseops`: the documents are CaseOps-transformed
+    (data/caseops.py) before everything else, the markers are user-defined symbols of a trained tokenizer (a given one
+    must have them), and validation gets the byte sidecar <prefix>_val_bytes_NNNNNN.bin.
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -348,8 +378,14 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         check_vocab_size(n_vocab)
         if sp.bos_id() != BOS_ID:
             raise UserError(f"{tokenizer}: BOS id is {sp.bos_id()}, but challenge shards start documents with id {BOS_ID}")
+        if caseops and any(len(sp.encode(m)) != 1 or sp.encode(m)[0] == sp.unk_id() for m in caseops_mod.MARKERS):
+            raise UserError(f"{tokenizer}: the CaseOps markers (U+E010..U+E012) are not pieces of this tokenizer; "
+                            "train one with --caseops (omit --tokenizer)")
         tok_path = Path(tokenizer)
 
+    if caseops:
+        source = docs
+        docs = lambda: map(caseops_mod.encode, source())  # noqa: E731 - every pass reads the transformed text
     # scan: count the documents and, unless duplicates are kept, find them (one 8-byte hash per document in memory)
     keys, normalize = array("Q"), normalizer(model)
     n_input = 0
@@ -384,7 +420,8 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
     if tokenizer is None:
         log(progress, f"training BPE tokenizer, vocab {vocab_size}, on the {n_docs - val_docs} training documents")
         model = train_tokenizer(itertools.islice(kept(), val_docs, None), vocab_size, byte_fallback=byte_fallback,
-                                max_chars=train_chars, progress=progress)
+                                max_chars=train_chars, progress=progress,
+                                user_symbols=caseops_mod.MARKERS if caseops else ())
         n_vocab = vocab_size
         tok_path = Path(tokenizer_out) if tokenizer_out else out_dir / "tokenizer.model"
 
@@ -394,15 +431,21 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
     stage.mkdir()
     try:
         writer = ShardWriter(stage, prefix, shard_tokens)
+        sidecar = ShardWriter(stage, prefix, shard_tokens)  # CaseOps: <prefix>_val_bytes_*, cut like the val shards
+        orig_bytes = 0
         counts = {"docs": {"val": 0, "train": 0}, "tokens": {"val": 0, "train": 0}}
         val_hashes: set[int] = set()
         done = 0
         bar = tqdm(total=n_docs, desc="encode", unit=" doc", disable=None if progress else True, leave=False)
-        for toks, lens, hashes in encode_documents(kept(), model, workers or available_cpus()):
+        for toks, lens, hashes, nbytes in encode_documents(kept(), model, workers or available_cpus(),
+                                                           bytes_docs=val_docs if caseops else 0):
             k = min(max(val_docs - done, 0), len(lens))  # documents of this chunk that go to validation
             cut = int(lens[:k].sum())
             if k:
                 val_hashes.update(hashes[:k].tolist())
+                if caseops:
+                    sidecar.add("val_bytes", nbytes)  # exactly the tokens of these k documents
+                    orig_bytes += int(nbytes.sum(dtype=np.int64))
             train, train_lens = toks[cut:], lens[k:]
             if not keep_duplicates and val_hashes and len(train_lens):
                 # equal tokens, different text (the exact duplicates are gone): the training copy goes
@@ -419,6 +462,7 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
             bar.update(len(lens))
         bar.close()
         writer.flush()
+        sidecar.flush()
         if done != n_docs:
             raise UserError(f"the input changed while it was read ({n_docs} documents, then {done})")
 
@@ -458,7 +502,12 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
         "val_docs": val_docs,
         "shard_tokens": shard_tokens,
         **counts,
-        "shards": writer.shards,
+        "shards": writer.shards | ({"val_bytes": sidecar.shards.get("val_bytes", [])} if caseops else {}),
+        **({"caseops": {"transform": "data/caseops.py", "markers": {"cap": "U+E010", "run": "U+E011", "esc": "U+E012"},
+                        "unicode": caseops_mod.UNICODE_VERSION, "val_original_bytes": orig_bytes,
+                        "val_bytes": "<prefix>_val_bytes_NNNNNN.bin: the shard header, then one uint16 per validation "
+                                     "token, the original UTF-8 bytes it stands for (0 for BOS and markers)"}}
+           if caseops else {}),
         **({"meta": meta} if meta else {}),
     }
     write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", what="manifest")
@@ -469,7 +518,9 @@ def build_dataset(docs: Callable[[], Iterable[str]], out_dir: str | Path, *, pre
                 if n_dropped else ""))
     log(progress, f"{out_dir}: {counts['docs']['train']:,} train docs / {counts['tokens']['train']:,} tokens in "
                   f"{len(writer.shards['train'])} shard(s), {counts['docs']['val']:,} val docs / "
-                  f"{counts['tokens']['val']:,} tokens in {len(writer.shards['val'])} shard(s); {dups}; overlap check: "
+                  f"{counts['tokens']['val']:,} tokens in {len(writer.shards['val'])} shard(s)"
+                  + (f" + byte sidecar (CaseOps; {orig_bytes:,} original UTF-8 bytes)" if caseops else "")
+                  + f"; {dups}; overlap check: "
                   f"no validation document in training ({t_check:.1f} s); tokenizer {tok_path} (vocab {n_vocab}); "
                   f"{time.time() - t0:.1f} s")
     return manifest
@@ -506,7 +557,8 @@ def verify_dataset(out_dir: str | Path) -> dict:
     try:
         manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
         tok = out_dir / manifest["tokenizer"]["model"]
-        shards = [(s, out_dir / s["file"]) for split in ("val", "train") for s in manifest["shards"][split]]
+        shards = [(s, out_dir / s["file"]) for split in ("val", "train", "val_bytes")
+                  for s in manifest["shards"].get(split, [])]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{out_dir}: no valid manifest.json ({e})") from None
     if not tok.is_file() or sha256_file(tok) != manifest["tokenizer"]["sha256"]:
@@ -545,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-duplicates", action="store_true",
                    help="keep exact-duplicate documents (by default the later copies are dropped before the split); "
                         "the build still fails if a validation document then occurs in training")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps: lower-case the text losslessly behind private-use case markers (data/caseops.py) "
+                        "before training the tokenizer and encoding, and write the validation byte sidecar "
+                        "<prefix>_val_bytes_NNNNNN.bin so val_bpb counts the original bytes")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M, as published)")
     p.add_argument("--prefix", help="shard name prefix (default: DIR's name up to its first '_', e.g. corpus_sp1024 -> corpus)")
     p.add_argument("--text-docs", choices=["blank-line", "file", "line"], default="blank-line",
@@ -567,7 +623,7 @@ def _main(argv: list[str] | None) -> int:
                   vocab_size=args.vocab_size, tokenizer_out=args.tokenizer_out, byte_fallback=args.byte_fallback,
                   val_docs=args.val_docs, shard_tokens=args.shard_tokens, train_chars=args.train_chars,
                   workers=args.workers, inputs=[str(f) for f in files], keep_duplicates=args.keep_duplicates,
-                  progress=not args.quiet)
+                  progress=not args.quiet, caseops=args.caseops)
     return 0
 
 

@@ -63,6 +63,8 @@ def main(argv=None) -> int:
         ap.error("--min-tokens must be at least 1")
     train = shards(a.train or [os.path.join(glob.escape(a.data), "*_train_*.bin")], "training")
     val = shards(a.val or [os.path.join(glob.escape(a.data), "*_val_*.bin")], "validation")
+    if not a.val:  # not the CaseOps byte sidecar (*_val_bytes_*.bin): it holds byte counts, not tokens
+        val = [v for v in val if "_val_bytes_" not in os.path.basename(v)]
     if set(train) & set(val):
         raise UserError(f"{sorted(set(train) & set(val))[0]} is given as both training and validation data")
     sp = None
