@@ -93,6 +93,9 @@ HPARAMS = [
     ("LOOP_LAYERS", "", "depth recurrence: contiguous blocks (e.g. 4,5) run LOOP_REPEATS more times with the same weights ('' = off)"),
     ("LOOP_REPEATS", 2, "extra passes through LOOP_LAYERS: more depth for no extra bytes"),
     ("LOOP_START", "0.5,0.65", "fraction of the training budget at which each extra pass switches on (one value: all at once)"),
+    ("ATTN_GATE", 0, "gate each head's output by sigmoid(ATTN_GATE_SCALE * w_h . x[:ATTN_GATE_WINDOW]) before the output projection (zero init: 0.5)"),
+    ("ATTN_GATE_WINDOW", 12, "attention gate: how many leading input channels each head's gate reads"),
+    ("ATTN_GATE_SCALE", 0.5, "attention gate: scale of the gate's logit (softer gate below 1)"),
     ("DOC_MASK", 0, "attention (and the bigram hash) never cross a BOS: each document sees only itself, in training and evaluation"),
     # data and schedule
     ("TRAIN_SEQ_LEN", 2048, "training sequence length"),
@@ -162,7 +165,7 @@ HPARAMS = [
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
              "ROPE_BASE", "ROPE_DIMS", "XSA_LAST_N", "LN_SCALE", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
              "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS",
-             "DOC_MASK"]
+             "DOC_MASK", "ATTN_GATE", "ATTN_GATE_WINDOW", "ATTN_GATE_SCALE"]
 PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
     "record": {},
     "baseline": dict(NUM_LAYERS=9, MLP_MULT=2, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288, ROPE_DIMS=0, XSA_LAST_N=0,
@@ -187,8 +190,9 @@ SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_
 SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2", LOOP_START="0.3,0.6", BIGRAM_VOCAB_SIZE=0)}
 CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
            "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
-           "COMPILE": (-1, 0, 1), "ATTN": ("auto", "fa3", "flex", "sdpa"), **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK",
-                                                        "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16),
+           "COMPILE": (-1, 0, 1), "ATTN": ("auto", "fa3", "flex", "sdpa"),
+           **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK", "ATTN_GATE",
+                                  "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16),
            "SMALL_BITS": (8, 16)}
 POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
             "ITERATIONS", "SDCLIP_K", "SDCLIP_K_EMBED", "GPTQ_CALIB_BATCHES", "GPTQ_DAMP", "TTT_CHUNK_TOKENS", "TTT_LR",
@@ -293,6 +297,7 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hd % 2 == 0 and 0 <= hp["ROPE_DIMS"] <= hd and hp["ROPE_DIMS"] % 2 == 0, f"ROPE_DIMS={hp['ROPE_DIMS']} must be even and at most the head dim {hd}")
     need(0 <= hp["XSA_LAST_N"] <= hp["NUM_LAYERS"], f"XSA_LAST_N={hp['XSA_LAST_N']} must be in 0..NUM_LAYERS")
     ve_layers(hp), loop_layers(hp), clips(hp), checkpoint_every(hp)
+    need(0 < hp["ATTN_GATE_WINDOW"] <= hp["MODEL_DIM"], f"ATTN_GATE_WINDOW={hp['ATTN_GATE_WINDOW']} must be in 1..MODEL_DIM")
     need(-1 <= hp["PARALLEL_FROM"] < hp["NUM_LAYERS"], f"PARALLEL_FROM={hp['PARALLEL_FROM']} must be -1 (off) or a layer in 0..NUM_LAYERS-1")
     need(0 <= hp["WARMDOWN_FRAC"] <= 1 and 0 <= hp["MIN_LR"] < 1, "WARMDOWN_FRAC must be in [0, 1] and MIN_LR in [0, 1)")
     for k in ("EMA_DECAY", "TTT_MOMENTUM"):
@@ -954,7 +959,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: tuple = ("sdpa", None)) -> 
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads, kv_heads, qk_gain, xsa: bool, has_ve: bool):
+    def __init__(self, dim, heads, kv_heads, qk_gain, xsa: bool, has_ve: bool, gate: tuple[int, float] | None = None):
         super().__init__()
         self.h, self.kvh, self.d = heads, kv_heads, dim // heads
         self.q, self.k, self.v = QLinear(dim, dim), QLinear(dim, kv_heads * self.d), QLinear(dim, kv_heads * self.d)
@@ -962,6 +967,8 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain))
         self.ve_scale = nn.Parameter(torch.ones(1)) if has_ve else None
         self.xsa = xsa
+        self.gate_window, self.gate_scale = gate or (0, 0.0)  # ATTN_GATE: window of input channels, logit scale
+        self.gate = nn.Parameter(torch.zeros(heads, self.gate_window)) if gate else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None, mask: tuple = ("sdpa", None)) -> Tensor:
         B, T, _ = x.shape
@@ -978,6 +985,8 @@ class Attention(nn.Module):
             vn = F.normalize(v.float(), dim=-1)[:, :, :, None].type_as(y)
             y = y.view(B, T, self.kvh, self.h // self.kvh, self.d)
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.h, self.d)
+        if self.gate is not None:  # each head's output x sigmoid(scale * w_h . x[:window])
+            y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :self.gate_window], self.gate.to(x.dtype)))[..., None]
         return self.o(y.reshape(B, T, self.h * self.d))
 
 
@@ -996,7 +1005,8 @@ class Block(nn.Module):
         super().__init__()
         dim = arch["MODEL_DIM"]
         self.attn = Attention(dim, arch["NUM_HEADS"], arch["NUM_KV_HEADS"], arch["QK_GAIN_INIT"],
-                              i >= arch["NUM_LAYERS"] - arch["XSA_LAST_N"], has_ve)
+                              i >= arch["NUM_LAYERS"] - arch["XSA_LAST_N"], has_ve,
+                              (arch["ATTN_GATE_WINDOW"], arch["ATTN_GATE_SCALE"]) if arch["ATTN_GATE"] else None)
         self.mlp = MLP(dim, arch["MLP_MULT"], arch["MLP_ACT"])
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of x and the embedding x0

@@ -253,3 +253,28 @@ def test_bad_frontier_settings_are_refused_with_one_line(env, msg):
     with pytest.raises(T.UserError, match=None) as e:
         T.check_hparams(T.parse_hparams(env), 1)
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_attention_gate_scales_each_heads_output_by_a_sigmoid_of_the_first_window_channels():
+    hp = T.Config(T.parse_hparams({"SMOKE": "1"}) | {"ATTN_GATE": 1, "ATTN_GATE_WINDOW": 12, "ATTN_GATE_SCALE": 0.5})
+    torch.manual_seed(0)
+    gated, plain = T.GPT(hp.arch), T.GPT(hp.arch | {"ATTN_GATE": 0})
+    heads, dim = hp["NUM_HEADS"], hp["MODEL_DIM"]
+    extra = sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == hp["NUM_LAYERS"] * heads * 12 and gated.blocks[0].attn.gate.shape == (heads, 12)
+    a, b = gated.blocks[0].attn, plain.blocks[0].attn
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if k != "gate"})
+    with torch.no_grad():
+        for m in (a, b):
+            m.o.weight.copy_(torch.eye(dim))  # the output projection passes the gated heads through
+    x = torch.randn(2, 16, dim)
+    cos, sin = T.rope_tables(16, hp["ROPE_DIMS"], hp["ROPE_BASE"], hp["TRAIN_SEQ_LEN"], "cpu")
+    with torch.no_grad():
+        assert torch.allclose(a(x, cos, sin, None), 0.5 * b(x, cos, sin, None), atol=1e-6)  # zero init: sigmoid(0)
+        a.gate.normal_()
+        want = b(x, cos, sin, None).view(2, 16, heads, -1) * torch.sigmoid(0.5 * x[..., :12] @ a.gate.T)[..., None]
+        assert torch.allclose(a(x, cos, sin, None), want.view(2, 16, dim), atol=1e-6)
+    opts = T.build_optimizers(hp, T.Context(), gated)
+    assert any(p is gated.blocks[0].attn.gate for g in opts[1].param_groups for p in g["params"]), "AdamW, not Muon"
+    entries, _ = T.quantize_state(gated.state_dict(), T.quant_kinds(gated), T.Config(hp | {"SMALL_BITS": 8}))
+    assert {e["scheme"] for e in entries if e["name"].endswith("attn.gate")} == {"int8"}, "int8 rows with SMALL_BITS=8"
