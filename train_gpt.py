@@ -90,6 +90,7 @@ HPARAMS = [
     ("VE_DIM", 128, "value-embedding table width, projected to the KV width"),
     ("SKIP_GATES", 0, "gate each U-Net skip: x <- lerp(w * skip, x, sigmoid(g)), so a layer can learn how much skip it takes"),
     ("PARALLEL_FROM", -1, "blocks from this index on are parallel: x + a*Attn(n(x)) + m*MLP(n(x)), one norm, a shorter path (-1 = off)"),
+    ("PARALLEL_LANES", 0, "1: blocks from PARALLEL_FROM on, in the U-Net's second half, run two lanes (attention reads lane 0, MLP lane 1, learned mix into both); the output is their mean"),
     ("LOOP_LAYERS", "", "depth recurrence: contiguous blocks (e.g. 4,5) run LOOP_REPEATS more times with the same weights ('' = off)"),
     ("LOOP_REPEATS", 2, "extra passes through LOOP_LAYERS: more depth for no extra bytes"),
     ("LOOP_START", "0.5,0.65", "fraction of the training budget at which each extra pass switches on (one value: all at once)"),
@@ -164,7 +165,7 @@ HPARAMS = [
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
              "ROPE_BASE", "ROPE_DIMS", "XSA_LAST_N", "LN_SCALE", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
-             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "LOOP_LAYERS", "LOOP_REPEATS",
+             "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "PARALLEL_LANES", "LOOP_LAYERS", "LOOP_REPEATS",
              "DOC_MASK", "ATTN_GATE", "ATTN_GATE_WINDOW", "ATTN_GATE_SCALE"]
 PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
     "record": {},
@@ -191,7 +192,7 @@ SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2
 CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
            "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
            "COMPILE": (-1, 0, 1), "ATTN": ("auto", "fa3", "flex", "sdpa"),
-           **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK", "ATTN_GATE",
+           **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK", "ATTN_GATE", "PARALLEL_LANES",
                                   "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16),
            "SMALL_BITS": (8, 16)}
 POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
@@ -299,6 +300,8 @@ def check_hparams(hp: dict, world: int) -> None:
     ve_layers(hp), loop_layers(hp), clips(hp), checkpoint_every(hp)
     need(0 < hp["ATTN_GATE_WINDOW"] <= hp["MODEL_DIM"], f"ATTN_GATE_WINDOW={hp['ATTN_GATE_WINDOW']} must be in 1..MODEL_DIM")
     need(-1 <= hp["PARALLEL_FROM"] < hp["NUM_LAYERS"], f"PARALLEL_FROM={hp['PARALLEL_FROM']} must be -1 (off) or a layer in 0..NUM_LAYERS-1")
+    need(not hp["PARALLEL_LANES"] or hp["PARALLEL_FROM"] > max(loop_layers(hp), default=-1),
+         "PARALLEL_LANES=1 needs PARALLEL_FROM set past the last of LOOP_LAYERS: once the lanes start, every later block runs them")
     need(0 <= hp["WARMDOWN_FRAC"] <= 1 and 0 <= hp["MIN_LR"] < 1, "WARMDOWN_FRAC must be in [0, 1] and MIN_LR in [0, 1)")
     for k in ("EMA_DECAY", "TTT_MOMENTUM"):
         need(0 <= hp[k] < 1, f"{k}={hp[k]} must be in [0, 1)")
@@ -1012,12 +1015,22 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of x and the embedding x0
         self.ln = 1.0 / math.sqrt(i + 1) if arch["LN_SCALE"] else 1.0
         self.parallel = 0 <= arch["PARALLEL_FROM"] <= i
+        self.lanes = self.parallel and bool(arch["PARALLEL_LANES"])
+        if self.lanes:  # each lane's residual weight, and how much of the attention (row 0) and MLP (row 1) goes to each lane
+            self.lane_resid, self.lane_post = nn.Parameter(torch.full((2,), 1.1)), nn.Parameter(torch.ones(2, 2))
 
     def forward(self, x, x0, cos, sin, ve, mask=("sdpa", None)):
-        mix = self.resid_mix.to(x.dtype)
+        """x: the residual stream, or (lane 0, lane 1) in the decoder half under PARALLEL_LANES (then both come back)."""
+        mix = self.resid_mix.to(x[0].dtype if isinstance(x, tuple) else x.dtype)
+        if isinstance(x, tuple):
+            l0, l1 = x
+            a = self.attn_scale.to(l0.dtype) * self.attn(rms_norm(mix[0] * l0 + mix[1] * x0) * self.ln, cos, sin, ve, mask)
+            m = self.mlp_scale.to(l0.dtype) * self.mlp(rms_norm(l1) * self.ln)
+            r, p = self.lane_resid.to(l0.dtype), self.lane_post.to(l0.dtype)
+            return r[0] * l0 + p[0, 0] * a + p[1, 0] * m, r[1] * l1 + p[0, 1] * a + p[1, 1] * m
         x = mix[0] * x + mix[1] * x0
         a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln, cos, sin, ve, mask)
-        if self.parallel:  # GPT-J form: attention and MLP both read x
+        if self.parallel and not self.lanes:  # GPT-J form: attention and MLP both read x
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
         x = x + a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
@@ -1138,12 +1151,17 @@ class GPT(nn.Module):
         n_enc, skips = len(order) // 2, []
         for k, i in enumerate(order):
             j = k - n_enc
+            if j >= 0 and self.blocks[i].lanes and not isinstance(x, tuple):
+                x = (x, x)  # PARALLEL_LANES: both lanes start from the stream
             if 0 <= j < self.skip_weights.size(0) and skips:
-                s = self.skip_weights[j].to(x.dtype) * skips.pop()
-                x = x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
+                h = x[0] if isinstance(x, tuple) else x  # the skip feeds lane 0
+                s = self.skip_weights[j].to(h.dtype) * skips.pop()
+                h = h + s if self.skip_gates is None else torch.lerp(s, h, torch.sigmoid(self.skip_gates[j].to(h.dtype)))
+                x = (h, x[1]) if isinstance(x, tuple) else h
             x = self.blocks[i](x, x0, cos, sin, ve if i in self.ve_layers else None, mask)
             if k < n_enc:
                 skips.append(x)
+        x = 0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x
         logits = F.linear(self.final_norm(x), w_emb.to(x.dtype)).float()
         cap = self.arch["LOGIT_SOFTCAP"]
         logits = cap * torch.tanh(logits / cap)

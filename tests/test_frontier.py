@@ -278,3 +278,35 @@ def test_attention_gate_scales_each_heads_output_by_a_sigmoid_of_the_first_windo
     assert any(p is gated.blocks[0].attn.gate for g in opts[1].param_groups for p in g["params"]), "AdamW, not Muon"
     entries, _ = T.quantize_state(gated.state_dict(), T.quant_kinds(gated), T.Config(hp | {"SMALL_BITS": 8}))
     assert {e["scheme"] for e in entries if e["name"].endswith("attn.gate")} == {"int8"}, "int8 rows with SMALL_BITS=8"
+
+
+def test_parallel_lanes_mix_attention_and_mlp_into_two_lanes_in_the_decoder_half():
+    hp = T.Config(T.parse_hparams({"SMOKE": "1", "PRESET": "frontier"}) | {"PARALLEL_FROM": 3, "PARALLEL_LANES": 1})
+    torch.manual_seed(0)
+    model = T.GPT(hp.arch)
+    lanes = [i for i, b in enumerate(model.blocks) if b.lanes]
+    assert lanes == [3] and model.blocks[3].lane_post.shape == (2, 2) and abs(float(model.blocks[3].lane_resid[0]) - 1.1) < 1e-6
+    b, dim = model.blocks[3], hp["MODEL_DIM"]
+    with torch.no_grad():
+        for p in b.parameters():
+            p.normal_(0, 0.3)
+        l0, l1, x0 = (torch.randn(2, 8, dim) for _ in range(3))
+        cos, sin = T.rope_tables(8, hp["ROPE_DIMS"], hp["ROPE_BASE"], hp["TRAIN_SEQ_LEN"], "cpu")
+        mix = b.resid_mix
+        a = b.attn_scale * b.attn(T.rms_norm(mix[0] * l0 + mix[1] * x0) * b.ln, cos, sin, None)
+        m = b.mlp_scale * b.mlp(T.rms_norm(l1) * b.ln)
+        r, p = b.lane_resid, b.lane_post
+        got = b((l0, l1), x0, cos, sin, None)
+        assert torch.allclose(got[0], r[0] * l0 + p[0, 0] * a + p[1, 0] * m, atol=1e-5)
+        assert torch.allclose(got[1], r[1] * l1 + p[0, 1] * a + p[1, 1] * m, atol=1e-5)
+        plain = b(l0, x0, cos, sin, None)  # in the encoder half the same block is sequential, not GPT-J
+        h = mix[0] * l0 + mix[1] * x0
+        h = h + b.attn_scale * b.attn(T.rms_norm(h) * b.ln, cos, sin, None)
+        assert torch.allclose(plain, h + b.mlp_scale * b.mlp(T.rms_norm(h) * b.ln), atol=1e-5)
+    ids = torch.randint(1, hp["VOCAB_SIZE"], (2, 32))
+    for loops in range(hp["LOOP_REPEATS"] + 1):
+        model.switch(loops=loops)
+        model(ids, ids).backward()
+        assert model.blocks[3].lane_post.grad is not None and torch.isfinite(model.blocks[3].lane_post.grad).all()
+    with pytest.raises(T.UserError, match="PARALLEL_LANES=1 needs PARALLEL_FROM set past the last of LOOP_LAYERS"):
+        T.resolve_config({"SMOKE": "1", "PRESET": "frontier", "PARALLEL_FROM": "2", "PARALLEL_LANES": "1"})
