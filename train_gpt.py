@@ -83,7 +83,7 @@ HPARAMS = [
     ("QK_GAIN_INIT", 1.5, "initial per-head gain on the RMS-normalized queries"),
     ("XSA_LAST_N", 4, "exclusive self-attention on the last N layers: remove each output's own-value component"),
     ("LN_SCALE", 1, "scale block-input norms by 1/sqrt(layer+1): damps deep layers early"),
-    ("SMEAR_GATE", 1, "blend each position's embedding with the previous one through a learned gate"),
+    ("SMEAR_GATE", 1, "mix the previous position's embedding in: 1 = x + g (x_prev - x), g a learned per-channel sigmoid; 2 = x + lambda sigmoid(w . x[:GATE_WINDOW]) x_prev, before the norm (later records)"),
     ("BIGRAM_VOCAB_SIZE", 2048, "hashed (previous, current) token embedding buckets (0 = off)"),
     ("BIGRAM_DIM", 128, "bigram embedding width, projected to MODEL_DIM"),
     ("VE_LAYERS", "-2,-1", "value embeddings: layers (negative = from the end) whose V gets a token embedding added ('' = off)"),
@@ -94,8 +94,8 @@ HPARAMS = [
     ("LOOP_LAYERS", "", "depth recurrence: contiguous blocks (e.g. 4,5) run LOOP_REPEATS more times with the same weights ('' = off)"),
     ("LOOP_REPEATS", 2, "extra passes through LOOP_LAYERS: more depth for no extra bytes"),
     ("LOOP_START", "0.5,0.65", "fraction of the training budget at which each extra pass switches on (one value: all at once)"),
-    ("ATTN_GATE", 0, "gate each head's output by sigmoid(ATTN_GATE_SCALE * w_h . x[:ATTN_GATE_WINDOW]) before the output projection (zero init: 0.5)"),
-    ("ATTN_GATE_WINDOW", 12, "attention gate: how many leading input channels each head's gate reads"),
+    ("ATTN_GATE", 0, "gate each head's output by sigmoid(ATTN_GATE_SCALE * w_h . x[:GATE_WINDOW]) before the output projection (zero init: 0.5)"),
+    ("GATE_WINDOW", 12, "ATTN_GATE and SMEAR_GATE=2: how many leading input channels a gate reads"),
     ("ATTN_GATE_SCALE", 0.5, "attention gate: scale of the gate's logit (softer gate below 1)"),
     ("DOC_MASK", 0, "attention (and the bigram hash) never cross a BOS: each document sees only itself, in training and evaluation"),
     # data and schedule
@@ -166,7 +166,7 @@ HPARAMS = [
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
              "ROPE_BASE", "ROPE_DIMS", "XSA_LAST_N", "LN_SCALE", "SMEAR_GATE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
              "VE_LAYERS", "VE_DIM", "TRAIN_SEQ_LEN", "MLP_ACT", "SKIP_GATES", "PARALLEL_FROM", "PARALLEL_LANES", "LOOP_LAYERS", "LOOP_REPEATS",
-             "DOC_MASK", "ATTN_GATE", "ATTN_GATE_WINDOW", "ATTN_GATE_SCALE"]
+             "DOC_MASK", "ATTN_GATE", "GATE_WINDOW", "ATTN_GATE_SCALE"]
 PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
     "record": {},
     "baseline": dict(NUM_LAYERS=9, MLP_MULT=2, TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288, ROPE_DIMS=0, XSA_LAST_N=0,
@@ -192,8 +192,8 @@ SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2
 CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
            "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
            "COMPILE": (-1, 0, 1), "ATTN": ("auto", "fa3", "flex", "sdpa"),
-           **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SMEAR_GATE", "SKIP_GATES", "DOC_MASK", "ATTN_GATE", "PARALLEL_LANES",
-                                  "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16),
+           **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SKIP_GATES", "DOC_MASK", "ATTN_GATE", "PARALLEL_LANES",
+                                  "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16), "SMEAR_GATE": (0, 1, 2),
            "SMALL_BITS": (8, 16)}
 POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
             "ITERATIONS", "SDCLIP_K", "SDCLIP_K_EMBED", "GPTQ_CALIB_BATCHES", "GPTQ_DAMP", "TTT_CHUNK_TOKENS", "TTT_LR",
@@ -298,7 +298,7 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hd % 2 == 0 and 0 <= hp["ROPE_DIMS"] <= hd and hp["ROPE_DIMS"] % 2 == 0, f"ROPE_DIMS={hp['ROPE_DIMS']} must be even and at most the head dim {hd}")
     need(0 <= hp["XSA_LAST_N"] <= hp["NUM_LAYERS"], f"XSA_LAST_N={hp['XSA_LAST_N']} must be in 0..NUM_LAYERS")
     ve_layers(hp), loop_layers(hp), clips(hp), checkpoint_every(hp)
-    need(0 < hp["ATTN_GATE_WINDOW"] <= hp["MODEL_DIM"], f"ATTN_GATE_WINDOW={hp['ATTN_GATE_WINDOW']} must be in 1..MODEL_DIM")
+    need(0 < hp["GATE_WINDOW"] <= hp["MODEL_DIM"], f"GATE_WINDOW={hp['GATE_WINDOW']} must be in 1..MODEL_DIM")
     need(-1 <= hp["PARALLEL_FROM"] < hp["NUM_LAYERS"], f"PARALLEL_FROM={hp['PARALLEL_FROM']} must be -1 (off) or a layer in 0..NUM_LAYERS-1")
     need(not hp["PARALLEL_LANES"] or hp["PARALLEL_FROM"] > max(loop_layers(hp), default=-1),
          "PARALLEL_LANES=1 needs PARALLEL_FROM set past the last of LOOP_LAYERS: once the lanes start, every later block runs them")
@@ -1009,7 +1009,7 @@ class Block(nn.Module):
         dim = arch["MODEL_DIM"]
         self.attn = Attention(dim, arch["NUM_HEADS"], arch["NUM_KV_HEADS"], arch["QK_GAIN_INIT"],
                               i >= arch["NUM_LAYERS"] - arch["XSA_LAST_N"], has_ve,
-                              (arch["ATTN_GATE_WINDOW"], arch["ATTN_GATE_SCALE"]) if arch["ATTN_GATE"] else None)
+                              (arch["GATE_WINDOW"], arch["ATTN_GATE_SCALE"]) if arch["ATTN_GATE"] else None)
         self.mlp = MLP(dim, arch["MLP_MULT"], arch["MLP_ACT"])
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))  # mix of x and the embedding x0
@@ -1059,7 +1059,11 @@ class GPT(nn.Module):
             self.bigram = QEmbedding(arch["BIGRAM_VOCAB_SIZE"], arch["BIGRAM_DIM"], std=0.0)
             self.bigram_proj = QLinear(arch["BIGRAM_DIM"], dim, init="ortho_scaled")
             self.bigram_scale = nn.Parameter(torch.tensor(0.05))
-        self.smear = nn.Parameter(torch.zeros(dim)) if arch["SMEAR_GATE"] else None
+        self.smear = self.smear_w = None
+        if arch["SMEAR_GATE"] == 1:
+            self.smear = nn.Parameter(torch.zeros(dim))
+        elif arch["SMEAR_GATE"] == 2:  # the gate's weights on x[:GATE_WINDOW] and its strength lambda, both from 0
+            self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(1, arch["GATE_WINDOW"])), nn.Parameter(torch.zeros(1))
         self.ve_layers = ve_layers(arch)
         self.ve = self.ve_proj = self.ve_shared_scale = None
         if self.ve_layers:  # one table for all VE layers: v += layer scale * shared scale * proj(table[ids])
@@ -1139,6 +1143,9 @@ class GPT(nn.Module):
             h = bigram_buckets(ids, nb)
             h = torch.where(ids == BOS_ID, nb - 1, h) if self.sw.doc_mask else h  # a BOS hashes as a stream start
             x = x + self.bigram_scale.to(x.dtype) * self.bigram_proj(self.bigram(h))
+        if self.smear_w is not None:  # x_t += lambda sigmoid(w . x_t[:window]) x_{t-1}; not at a document's BOS
+            g = self.smear_lambda.to(x.dtype) * torch.sigmoid(F.linear(x[:, 1:, :self.smear_w.size(1)], self.smear_w.to(x.dtype)))
+            x = torch.cat((x[:, :1], x[:, 1:] + g * x[:, :-1] * (ids[:, 1:, None] != BOS_ID)), dim=1)
         x = rms_norm(x)
         if self.smear is not None:  # x_t <- (1 - g) x_t + g x_{t-1}; a document's BOS takes nothing from the previous one
             g = torch.sigmoid(self.smear.to(x.dtype))

@@ -256,7 +256,7 @@ def test_bad_frontier_settings_are_refused_with_one_line(env, msg):
 
 
 def test_attention_gate_scales_each_heads_output_by_a_sigmoid_of_the_first_window_channels():
-    hp = T.Config(T.parse_hparams({"SMOKE": "1"}) | {"ATTN_GATE": 1, "ATTN_GATE_WINDOW": 12, "ATTN_GATE_SCALE": 0.5})
+    hp = T.Config(T.parse_hparams({"SMOKE": "1"}) | {"ATTN_GATE": 1, "GATE_WINDOW": 12, "ATTN_GATE_SCALE": 0.5})
     torch.manual_seed(0)
     gated, plain = T.GPT(hp.arch), T.GPT(hp.arch | {"ATTN_GATE": 0})
     heads, dim = hp["NUM_HEADS"], hp["MODEL_DIM"]
@@ -310,3 +310,28 @@ def test_parallel_lanes_mix_attention_and_mlp_into_two_lanes_in_the_decoder_half
         assert model.blocks[3].lane_post.grad is not None and torch.isfinite(model.blocks[3].lane_post.grad).all()
     with pytest.raises(T.UserError, match="PARALLEL_LANES=1 needs PARALLEL_FROM set past the last of LOOP_LAYERS"):
         T.resolve_config({"SMOKE": "1", "PRESET": "frontier", "PARALLEL_FROM": "2", "PARALLEL_LANES": "1"})
+
+
+def test_windowed_smear_gate_adds_a_gated_previous_embedding_except_at_bos():
+    hp = T.Config(T.parse_hparams({"SMOKE": "1"}) | {"SMEAR_GATE": 2, "GATE_WINDOW": 12, "BIGRAM_VOCAB_SIZE": 0})
+    torch.manual_seed(0)
+    model, plain = T.GPT(hp.arch), T.GPT(hp.arch | {"SMEAR_GATE": 0})
+    n = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert n == 13 and model.smear is None  # w on 12 channels + lambda: the later records' form
+    ids = torch.randint(1, hp["VOCAB_SIZE"], (2, 16))
+    ids[0, 5] = T.BOS_ID
+    seen = {}
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("smear")})
+    for m in (model, plain):  # capture the embedding after the smear, before the norm
+        m.blocks[0].register_forward_pre_hook(lambda mod, args, m=m: seen.__setitem__(m, args[1]))
+    with torch.no_grad():
+        model(ids, ids), plain(ids, ids)
+        assert torch.equal(seen[model], seen[plain]), "lambda = 0 at init: the identity"
+        model.smear_w.normal_()
+        model.smear_lambda.fill_(0.7)
+        model(ids, ids)
+        x = F.embedding(ids, model.tok_emb.weight)
+        g = 0.7 * torch.sigmoid(x[:, 1:, :12] @ model.smear_w.T)
+        want = torch.cat((x[:, :1], x[:, 1:] + g * x[:, :-1] * (ids[:, 1:, None] != T.BOS_ID)), 1)
+        assert torch.allclose(seen[model], T.rms_norm(want), atol=1e-6)
+        assert torch.allclose(seen[model][0, 5], T.rms_norm(x[0, 5]), atol=1e-6), "a BOS takes nothing from before"
