@@ -65,6 +65,7 @@ HPARAMS = [
     ("EVAL_ONLY", 0, "1: load ARTIFACT and evaluate it, no training"),
     ("SEED", 1337, "random seed"),
     ("COMPILE", -1, "torch.compile the model: 1 on, 0 off, -1 on for CUDA only"),
+    ("FUSED_CE", 0, "1: training's softcapped cross-entropy chunk by chunk, logits recomputed in the backward pass instead of kept (memory)"),
     ("ATTN", "auto", "attention kernel: fa3 (FlashAttention 3), flex (FlexAttention: fused causal and document masks), sdpa; auto: fa3 if installed, else flex, on CUDA; sdpa on CPU"),
     ("AUTOCAST", "auto", "bf16: autocast, Newton-Schulz and its all-reduce in bf16 (the GPU path, also on CPU); off: fp32; auto: bf16 on CUDA only"),
     ("CHECKPOINT_EVERY", "600s", "write LOG_DIR/RUN_ID.ckpt every N steps, or every N seconds of training with a trailing s (0 = only on SIGTERM/SIGINT)"),
@@ -192,7 +193,7 @@ SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2
 CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
            "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
            "COMPILE": (-1, 0, 1), "ATTN": ("auto", "fa3", "flex", "sdpa"),
-           **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SKIP_GATES", "DOC_MASK", "ATTN_GATE", "PARALLEL_LANES",
+           **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SKIP_GATES", "FUSED_CE", "DOC_MASK", "ATTN_GATE", "PARALLEL_LANES",
                                   "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16), "SMEAR_GATE": (0, 1, 2),
            "SMALL_BITS": (8, 16)}
 POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
@@ -1036,6 +1037,39 @@ class Block(nn.Module):
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln)
 
 
+FUSED_CE_CHUNK = 8192  # rows per chunk of SoftcapCE: 8192 x vocabulary 8192 fp32 logits = 256 MiB at a time
+
+
+class SoftcapCE(torch.autograd.Function):
+    """Per-token cross-entropy of cap * tanh(h W^T / cap) against y, FUSED_CE_CHUNK rows at a time, that keeps only h
+    and W for the backward pass (which recomputes each chunk's logits): the (tokens x vocab) logits and their
+    gradient never exist whole. The same numerics as the plain path: h W^T in h's dtype, the rest in fp32."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor, cap: float) -> Tensor:
+        ctx.save_for_backward(h, w, y)
+        ctx.cap = cap
+        out = []
+        for i in range(0, h.size(0), FUSED_CE_CHUNK):
+            z = cap * torch.tanh(F.linear(h[i:i + FUSED_CE_CHUNK], w.to(h.dtype)).float() / cap)
+            out.append(torch.logsumexp(z, dim=1) - z.gather(1, y[i:i + FUSED_CE_CHUNK, None])[:, 0])
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, w, y = ctx.saved_tensors
+        wd, gh, gw = w.to(h.dtype), torch.empty_like(h), torch.zeros_like(w, dtype=torch.float32)
+        for i in range(0, h.size(0), FUSED_CE_CHUNK):
+            hc, yc = h[i:i + FUSED_CE_CHUNK], y[i:i + FUSED_CE_CHUNK]
+            t = torch.tanh(F.linear(hc, wd).float() / ctx.cap)
+            p = torch.softmax(ctx.cap * t, dim=1)
+            p[torch.arange(len(yc), device=p.device), yc] -= 1
+            dz = (p * g[i:i + FUSED_CE_CHUNK, None].float() * (1 - t * t)).to(h.dtype)  # d loss / d (h W^T)
+            gh[i:i + FUSED_CE_CHUNK] = dz @ wd
+            gw += (dz.T @ hc).float()
+        return gh, gw.to(w.dtype), None, None
+
+
 def bigram_buckets(ids: Tensor, buckets: int) -> Tensor:
     """Hash of (previous, current) token into buckets-1 bins (the 1.1233 record's: int32 products, wrapping);
     position 0 gets the reserved last bucket."""
@@ -1050,7 +1084,7 @@ class GPT(nn.Module):
         super().__init__()
         self.arch = {k: arch[k] for k in ARCH_KEYS}
         self.sw = Switches(doc_mask=bool(arch["DOC_MASK"]))
-        self.attn_kernel = "sdpa"  # set by whoever runs the model (Context.attn)
+        self.attn_kernel, self.fused_ce = "sdpa", False  # how to compute, set by whoever runs the model (build_model)
         V, dim, L = arch["VOCAB_SIZE"], arch["MODEL_DIM"], arch["NUM_LAYERS"]
         kv_dim = arch["NUM_KV_HEADS"] * (dim // arch["NUM_HEADS"])
         self.tok_emb = QEmbedding(V, dim, std=0.005, bits=embed_bits)
@@ -1169,9 +1203,11 @@ class GPT(nn.Module):
             if k < n_enc:
                 skips.append(x)
         x = 0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x
-        logits = F.linear(self.final_norm(x), w_emb.to(x.dtype)).float()
-        cap = self.arch["LOGIT_SOFTCAP"]
-        logits = cap * torch.tanh(logits / cap)
+        cap, h = self.arch["LOGIT_SOFTCAP"], self.final_norm(x)
+        if self.fused_ce and torch.is_grad_enabled():  # training (and TTT): the chunked form; scoring stays plain
+            loss = SoftcapCE.apply(h.reshape(B * T, -1), w_emb, targets.reshape(-1), cap)
+            return loss.view(B, T) if per_token else loss.mean()
+        logits = cap * torch.tanh(F.linear(h, w_emb.to(x.dtype)).float() / cap)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), reduction="none" if per_token else "mean")
         return loss.view(B, T) if per_token else loss
 
@@ -1394,7 +1430,7 @@ def lr_multiplier(hp, step: int, elapsed_ms: float) -> float:
 CKPT_MAGIC = b"PGOLFCK\x01"  # file = magic + sha256(payload) + payload (torch.save of tensors, numbers and strings)
 # Settings that do not change what a run computes (names, places, logging and checkpoint cadence, kernels): they may
 # differ on resume, as may the world size, and the tools ignore them when comparing runs.
-FREE_SETTINGS = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH", "COMPILE", "ATTN", "TRAIN_LOG_EVERY",
+FREE_SETTINGS = ("RUN_ID", "LOG_DIR", "ARTIFACT", "DATA_PATH", "TOKENIZER_PATH", "COMPILE", "ATTN", "FUSED_CE", "TRAIN_LOG_EVERY",
                  "VAL_LOSS_EVERY", "CHECKPOINT_EVERY", "RESUME")
 
 
@@ -1496,7 +1532,7 @@ def restore_checkpoint(ck: dict, ts: TrainState) -> None:
 def build_model(hp: Config, ctx: Context):
     """The model to train (log: parameter count and features), and what steps it: compiled, wrapped in DDP."""
     model = GPT(hp.arch, embed_bits=hp["EMBED_BITS"]).to(ctx.device)
-    model.attn_kernel = ctx.attn
+    model.attn_kernel, model.fused_ce = ctx.attn, bool(hp["FUSED_CE"])
     ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     model.set_qat(hp if hp["QAT_THRESHOLD"] > 0 else None)
     xsa = [i for i, b in enumerate(model.blocks) if b.attn.xsa]

@@ -1,4 +1,5 @@
 """Issue 3: each technique of the record recipe has its defining property; switched off, it leaves nothing behind."""
+import contextlib
 import math
 
 import pytest
@@ -150,3 +151,33 @@ def test_newton_schulz_orthogonalizes():
     s = torch.linalg.svdvals(x)
     assert s.min() > 0.5 and s.max() < 1.5  # the quintic's fixed band around 1
     assert x.shape == g.shape and T.newton_schulz(g.T, 5).shape == g.T.shape
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_fused_cross_entropy_gives_the_plain_losses_and_gradients(amp, monkeypatch):
+    """FUSED_CE: the chunked softcapped cross-entropy (logits recomputed in the backward pass) is the plain path's
+    function: the same loss and gradients for every parameter, in fp32 (1e-5) and under bf16 autocast (bf16 noise)."""
+    monkeypatch.setattr(T, "FUSED_CE_CHUNK", 100)  # several chunks, the last one short
+    hp = T.Config(T.parse_hparams({"SMOKE": "1"}) | {"QAT_THRESHOLD": 1.0})
+    torch.manual_seed(0)
+    model = T.GPT(hp.arch)
+    model.set_qat(hp)
+    model.switch(qat=True)  # the tied table fake-quantized: its gradient goes through the STE into the weight
+    ids = torch.randint(1, hp["VOCAB_SIZE"], (3, 90))
+    runs = []
+    for fused in (False, True):
+        model.fused_ce = fused
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
+            loss = model(ids, ids.roll(-1, 1))
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = runs
+    tol = 1e-5 if amp is None else 2e-2
+    assert abs(float(l0 - l1)) < tol and g0.keys() == g1.keys()
+    for n in g0:
+        scale = float(g0[n].abs().max()) + 1e-12
+        assert float((g0[n] - g1[n]).abs().max()) <= tol * max(1.0, scale), n
+    with torch.no_grad():  # scoring never takes the chunked path
+        model.fused_ce = True
+        assert torch.equal(model(ids, ids, per_token=True), (setattr(model, "fused_ce", False), model(ids, ids, per_token=True))[1])
