@@ -120,6 +120,7 @@ HPARAMS = [
     ("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to ramp Muon momentum"),
     ("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations"),
     ("MUON_NS", "quintic", "Newton-Schulz coefficients: quintic (one fixed triple) or polar (Polar Express, one triple per iteration: closer to orthogonal)"),
+    ("MUON_BATCHED", 0, "1: Newton-Schulz on each rank's same-shape matrices in one batched call (fewer, larger kernels); 0: one call per matrix"),
     ("MUON_ROW_NORM", 0, "MuonEq-R: normalize each row of the update before Newton-Schulz, so no row dominates the orthogonalization"),
     ("MUON_WD", 0.04, "decoupled weight decay on Muon matrices: smaller weights, finer int6 grid"),
     ("ADAM_WD", 0.04, "decoupled weight decay on AdamW vectors and scalars"),
@@ -194,7 +195,7 @@ CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUA
            "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
            "COMPILE": (-1, 0, 1), "ATTN": ("auto", "fa3", "flex", "sdpa"),
            **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SKIP_GATES", "FUSED_CE", "DOC_MASK", "ATTN_GATE", "PARALLEL_LANES",
-                                  "MUON_ROW_NORM")}, "EMBED_BITS": (6, 7, 8, 16), "SMEAR_GATE": (0, 1, 2),
+                                  "MUON_ROW_NORM", "MUON_BATCHED")}, "EMBED_BITS": (6, 7, 8, 16), "SMEAR_GATE": (0, 1, 2),
            "SMALL_BITS": (8, 16)}
 POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
             "ITERATIONS", "SDCLIP_K", "SDCLIP_K_EMBED", "GPTQ_CALIB_BATCHES", "GPTQ_DAMP", "TTT_CHUNK_TOKENS", "TTT_LR",
@@ -1318,26 +1319,30 @@ POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),  #
 
 def newton_schulz(g: Tensor, steps: int, kind: str = "quintic", dtype=torch.float32) -> Tensor:
     """Approximate orthogonalization (U V^T of g's SVD) with a quintic Newton-Schulz iteration in `dtype`: one fixed
-    coefficient triple (quintic), or Polar Express's triple per iteration (polar)."""
+    coefficient triple (quintic), or Polar Express's triple per iteration (polar). g: one matrix, or a batch of
+    same-shape matrices (batch, rows, cols), each orthogonalized on its own."""
     coeffs = [(3.4445, -4.7750, 2.0315)] * steps if kind == "quintic" else [POLAR_EXPRESS[min(i, 4)] for i in range(steps)]
     x = g.to(dtype)
-    x = x / (x.norm() * (1.02 if kind == "polar" else 1.0) + 1e-7)
-    wide = x.size(0) > x.size(1)
+    x = x / ((x.norm() if x.ndim == 2 else x.norm(dim=(1, 2), keepdim=True)) * (1.02 if kind == "polar" else 1.0) + 1e-7)
+    wide = x.size(-2) > x.size(-1)
     if wide:
-        x = x.T
+        x = x.mT
     for a, b, c in coeffs:
-        m = x @ x.T
+        m = x @ x.mT
         x = a * x + (b * m + c * m @ m) @ x
-    return x.T if wide else x
+    return x.mT if wide else x
 
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized by Newton-Schulz, scaled by sqrt(max(1, rows/cols)), decoupled weight decay.
-    Rank r orthogonalizes matrices r, r+W, ...; the updates meet in one all-reduce of a flat buffer in which every
-    slot is written by exactly one rank (x + 0 + ... = x), so every rank applies bit-identical updates."""
+    Rank r orthogonalizes matrices r, r+W, ... (MUON_BATCHED: those of one shape in one batched call); the updates
+    meet in one all-reduce of a flat buffer in which every slot is written by exactly one rank (x + 0 + ... = x),
+    so every rank applies bit-identical updates."""
 
-    def __init__(self, params, *, lr, momentum, steps, wd, rank=0, world=1, ns="quintic", row_norm=False, dtype=torch.float32):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd, ns=ns, row_norm=row_norm))
+    def __init__(self, params, *, lr, momentum, steps, wd, rank=0, world=1, ns="quintic", row_norm=False, dtype=torch.float32,
+                 batched=False):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, steps=steps, wd=wd, ns=ns, row_norm=row_norm,
+                                            batched=batched))
         self.rank, self.world, self.dtype = rank, world, dtype  # dtype: Newton-Schulz and the all-reduced buffer
 
     def _flat(self, group):
@@ -1364,10 +1369,18 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(bufs, grads)
             nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
             flat.zero_()
-            for i, g in zip(range(self.rank, len(ps), self.world), nesterov):
-                if group["row_norm"]:  # MuonEq-R
-                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                views[i].copy_(newton_schulz(g, group["steps"], group["ns"], self.dtype) * max(1.0, g.size(0) / g.size(1)) ** 0.5)
+            if group["row_norm"]:  # MuonEq-R
+                nesterov = [g / g.norm(dim=1, keepdim=True).clamp_min(1e-7) for g in nesterov]
+            todo = list(zip(range(self.rank, len(ps), self.world), nesterov))
+            batches = {}  # MUON_BATCHED: one call per shape; else one per matrix
+            for i, g in todo:
+                batches.setdefault(tuple(g.shape) if group["batched"] else i, []).append((i, g))
+            for items in batches.values():
+                g = items[0][1]
+                out = newton_schulz(torch.stack([x for _, x in items]) if group["batched"] else g, group["steps"], group["ns"],
+                                    self.dtype) * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                for k, (i, _) in enumerate(items):
+                    views[i].copy_(out[k] if group["batched"] else out)
             if self.world > 1:
                 dist.all_reduce(flat)
             if full is not flat:
@@ -1383,7 +1396,8 @@ def build_optimizers(hp: Config, ctx: Context, model: GPT):
     seen = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in seen]
     muon = Muon(matrices, lr=hp["MATRIX_LR"], momentum=hp["MUON_MOMENTUM"], steps=hp["MUON_BACKEND_STEPS"], wd=hp["MUON_WD"],
-                rank=ctx.rank, world=ctx.world, ns=hp["MUON_NS"], row_norm=bool(hp["MUON_ROW_NORM"]), dtype=ctx.amp or torch.float32)
+                rank=ctx.rank, world=ctx.world, ns=hp["MUON_NS"], row_norm=bool(hp["MUON_ROW_NORM"]), dtype=ctx.amp or torch.float32,
+                batched=bool(hp["MUON_BATCHED"]))
     adam = torch.optim.AdamW([dict(params=tables, lr=hp["EMBED_LR"], weight_decay=hp["EMBED_WD"]),
                               dict(params=scalars, lr=hp["SCALAR_LR"], weight_decay=hp["ADAM_WD"])],
                              betas=(hp["BETA1"], hp["BETA2"]), eps=hp["ADAM_EPS"], foreach=True)

@@ -32,8 +32,9 @@ def test_smoke_prints_every_final_line_once(smoke):
         assert any(l.startswith(f"{name.lower()}:") for l in lines), name
 
 
-@pytest.mark.parametrize("preset,precision", [(p, {}) for p in T.PRESETS] + [("record", {"AUTOCAST": "bf16"})],
-                         ids=list(T.PRESETS) + ["record-bf16"])
+@pytest.mark.parametrize("preset,precision", [(p, {}) for p in T.PRESETS] + [("record", {"AUTOCAST": "bf16"}),
+                                                                              ("frontier", {"MUON_BATCHED": 1})],
+                         ids=list(T.PRESETS) + ["record-bf16", "frontier-muon-batched"])
 def test_two_processes_match_one(preset, precision, sample_data, tmp_path):
     """Same global batch on 1 and 2 gloo ranks. With one thread per process (as torchrun sets) every micro-batch runs
     the same kernels, g1/2 + g2/2 == (g1 + g2)/2 exactly, and the Muon all-reduce adds only zeros to each slot, so
