@@ -2105,7 +2105,9 @@ def fit_budget(entries, originals, config: dict, hp: Config, *, code_bytes: int,
     # packed for real, the ratios re-measured, until a real pack fits within 0.02 % of the target.
     names = sorted({group_of(entries[i], "q", torch.int8) for i in ids.unique().tolist()})
     col = {i: names.index(group_of(entries[i], "q", torch.int8)) for i in ids.unique().tolist()}
-    grp = torch.tensor([col[i] for i in ids.tolist()])
+    lut = torch.zeros(len(entries), dtype=torch.long)
+    lut[list(col)] = torch.tensor(list(col.values()))
+    grp = lut[ids]  # each candidate's group index (millions of values at full size: no Python loop)
     hist = torch.zeros(len(names), 256, dtype=torch.float64)
     for i, j in col.items():
         hist[j] += torch.bincount(entries[i]["q"].flatten().long() + 128, minlength=256).double()
