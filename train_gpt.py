@@ -102,6 +102,7 @@ HPARAMS = [
     # data and schedule
     ("TRAIN_SEQ_LEN", 2048, "training sequence length"),
     ("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, independent of world size"),
+    ("LOADER", "stream", "training batches: stream = the shards in order; shuffle = sequences at random offsets, each read once per epoch (the 1.0835 record's)"),
     ("MICRO_BATCHES", 8, "micro-batches per step over all ranks (each rank runs MICRO_BATCHES / world size)"),
     ("ITERATIONS", 20000, "maximum optimizer steps"),
     ("WARMUP_STEPS", 20, "steps run then undone before training: compiles and warms kernels"),
@@ -137,6 +138,8 @@ HPARAMS = [
     ("QUANT_CLIPS", "1.0,0.98,0.96,0.93,0.9", "per-row clip candidates (fractions of the row max); least error (H-weighted under gptq) wins"),
     ("SDCLIP_K", 12.85, "sdclip: int5/int6 scale = k * std(row) / qmax; larger k, fewer levels, smaller artifact"),
     ("SDCLIP_K_EMBED", 20.0, "sdclip: the same k for the embedding tables"),
+    ("SDCLIP_K_MLP", 0.0, "sdclip: k for the MLP matrices (0 = SDCLIP_K): a looser clip keeps their outliers"),
+    ("SDCLIP_K_ATTN", 0.0, "sdclip: k for the attention matrices (0 = SDCLIP_K)"),
     ("SDCLIP_LAMBDA", 0.0, "sdclip under gptq: row clip x (1 + lambda (r - 1)), r = the row's abs(w) . diag H over its mean: wider clips for rows that feed on busy inputs"),
     ("GPTQ_CALIB_BATCHES", 16, "gptq: training batches run through the exported weights to collect each matrix's input Hessian"),
     ("GPTQ_RESERVE_SECONDS", 4.0, "gptq: end training this much before MAX_WALLCLOCK_SECONDS so calibration fits the cap"),
@@ -147,6 +150,7 @@ HPARAMS = [
     ("LQER_RANK", 0, "LQER: add a rank-N correction of the quantization error to the LQER_TOP worst matrices (0 = off)"),
     ("LQER_TOP", 3, "LQER: how many matrices, by output error tr(E H E^T), get a correction"),
     ("LQER_BITS", 4, "LQER: bits of the correction's factors (asymmetric, per row, 2-7)"),
+    ("LQER_GROUP", 0, "LQER: one scale and zero per N consecutive values of each factor instead of per row (fewer scale bytes; 0 = per row)"),
     ("SIZE_LIMIT_BYTES", LIMIT_BYTES, "cap on code + artifact bytes; the exporter shrinks the artifact to fit"),
     # evaluation
     ("VAL_MAX_TOKENS", 0, "evaluate on this many validation tokens (0 = whole split)"),
@@ -157,12 +161,18 @@ HPARAMS = [
     ("TTT_CHUNK_TOKENS", 32768, "chunk: tokens scored with the same weights before the model trains on them"),
     ("TTT_LR", 0.002, "chunk (and doc's phases): SGD learning rate, cosine-decayed over the chunks (phases)"),
     ("TTT_EPOCHS", 3, "chunk (and doc's phases): SGD steps per scored chunk (phase), each on its whole mean loss"),
-    ("TTT_MOMENTUM", 0.9, "chunk (and doc's phases): SGD momentum, carried across chunks (phases)"),
+    ("TTT_MOMENTUM", 0.9, "chunk (and doc's phases): SGD momentum, carried across chunks (fresh for each phase)"),
+    ("TTT_GRAD_CLIP", 0.0, "chunk (and doc's phases): clip the SGD gradient's global norm (0 = off)"),
     ("TTT_DOC_CHUNK", 48, "doc: a document's targets scored per step, each step followed by one AdamW step on its adapter"),
     ("TTT_LORA_RANK", 96, "doc: rank of the adapter added to every linear layer (not the tied embedding), fresh for each document"),
     ("TTT_LORA_LR", 0.001, "doc: AdamW learning rate of the adapters"),
+    ("TTT_LORA_BETAS", "0.9,0.999", "doc: the adapters' AdamW betas (beta1 0: no momentum within a document)"),
+    ("TTT_LORA_WD", 0.0, "doc: the adapters' AdamW weight decay: pulls them back towards the base model"),
+    ("TTT_LORA_SCALE", 1.0, "doc: adapter output multiplier (LoRA's alpha / rank): a larger step for B at the same LR"),
+    ("TTT_LORA_HEAD", 0, "doc: 1 = an adapter on the tied output layer too (the logits), not only on the linear layers"),
     ("TTT_DOC_BATCH", 32, "doc: documents adapted side by side, one adapter each"),
-    ("TTT_DOC_PHASES", 1, "doc: split the stream into N phases; after each but the last, chunk's SGD on all of its (scored) tokens"),
+    ("TTT_DOC_PHASES", 0, "doc: after each of N phases of the first TTT_PREFIX_DOCS documents, SGD on every document scored so far (0 = never)"),
+    ("TTT_PREFIX_DOCS", 2500, "doc: documents (stream order) scored in the TTT_DOC_PHASES phases; the rest is scored with the final weights"),
 ]
 # Keys that define the architecture: stored in the artifact, so EVAL_ONLY needs none of them.
 ARCH_KEYS = ["VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP", "QK_GAIN_INIT",
@@ -181,7 +191,20 @@ PRESETS = {  # PRESET=name supplies defaults; explicit variables still win
                      MLP_MULT=4, MLP_ACT="leaky2", ROPE_BASE=10000.0, XSA_LAST_N=11, SMEAR_GATE=0, BIGRAM_VOCAB_SIZE=0,
                      VE_LAYERS="", SKIP_GATES=1, PARALLEL_FROM=7, LOOP_LAYERS="4,5", LOOP_REPEATS=2, LOOP_START="0.5,0.65",
                      QK_GAIN_INIT=4.0, MUON_ROW_NORM=1, MUON_WD=0.085, EMBED_WD=0.085, ADAM_WD=0.02, MATRIX_LR=0.02,
-                     SCALAR_LR=0.02, EMBED_LR=0.03, WARMDOWN_FRAC=0.667, QUANT_SCALE="sdclip", SDCLIP_LAMBDA=0.175),
+                     SCALAR_LR=0.02, EMBED_LR=0.03, WARMDOWN_FRAC=0.667, QUANT_SCALE="sdclip", SDCLIP_LAMBDA=0.175,
+                     LOADER="shuffle", GPTQ_CALIB_BATCHES=8, GPTQ_RESERVE_SECONDS=12.0),
+    # the best run in the public records folder (1.0611, 2026-04-27): CaseOps data, test-time training
+    "top": dict(DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+                MLP_MULT=4, MLP_ACT="leaky2", ROPE_BASE=10000.0, XSA_LAST_N=11, SMEAR_GATE=2, BIGRAM_VOCAB_SIZE=0, VE_LAYERS="",
+                SKIP_GATES=1, PARALLEL_FROM=8, PARALLEL_LANES=1, LOOP_LAYERS="3,4,5", LOOP_REPEATS=2, LOOP_START="0.35",
+                QK_GAIN_INIT=5.0, ATTN_GATE=1, DOC_MASK=1, FUSED_CE=1, MUON_ROW_NORM=1, MUON_NS="polar", MUON_MOMENTUM=0.97,
+                MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, MATRIX_LR=0.026, SCALAR_LR=0.02, EMBED_LR=0.03, BETA2=0.99,
+                WARMDOWN_FRAC=0.85, MIN_LR=0.1, EMA_DECAY=0.9965, QUANT_SCALE="sdclip", SDCLIP_K_MLP=11.5, SDCLIP_K_ATTN=13.0,
+                SDCLIP_K_EMBED=14.0, EMBED_BITS=7, SMALL_BITS=8, LQER_RANK=4, LQER_GROUP=64, GPTQ_CALIB_BATCHES=2,
+                GPTQ_RESERVE_SECONDS=0.5, TTT="doc", TTT_DOC_BATCH=64, TTT_LORA_RANK=80, TTT_LORA_LR=0.0001,
+                TTT_LORA_BETAS="0,0.99", TTT_LORA_WD=0.5, TTT_LORA_SCALE=1.8, TTT_LORA_HEAD=1, TTT_DOC_PHASES=3,
+                TTT_LR=0.001, TTT_EPOCHS=1, TTT_GRAD_CLIP=1.0),
 }
 SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_sample.py), seconds end to end
     DATA_PATH="./data/datasets/stdlib_sp1024", TOKENIZER_PATH="./data/tokenizers/stdlib_1024_bpe.model",
@@ -190,16 +213,19 @@ SMOKE = dict(  # SMOKE=1: tiny CPU-sized run on the embedded sample (data/build_
     MUON_MOMENTUM_WARMUP_STEPS=20, EMA_DECAY=0.9, QUANT_MIN_NUMEL=4096, VAL_MAX_TOKENS=32768, BIGRAM_VOCAB_SIZE=512,
     BIGRAM_DIM=32, VE_DIM=32, EVAL_STRIDE=32, GPTQ_CALIB_BATCHES=4,
 )
-SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2", LOOP_START="0.3,0.6", BIGRAM_VOCAB_SIZE=0)}
+SMOKE_PRESET = {"frontier": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2", LOOP_START="0.3,0.6", BIGRAM_VOCAB_SIZE=0),
+                "top": dict(XSA_LAST_N=4, PARALLEL_FROM=3, LOOP_LAYERS="1,2", LOOP_START="0.3", GATE_WINDOW=8,
+                            TTT_DOC_BATCH=8, TTT_LORA_RANK=8, TTT_PREFIX_DOCS=6, TTT_CHUNK_TOKENS=1024, BIGRAM_VOCAB_SIZE=0)}
 CHOICES = {"MLP_ACT": ("relu2", "leaky2"), "MUON_NS": ("quintic", "polar"), "QUANT_METHOD": ("rtn", "gptq"),
            "QUANT_SCALE": ("search", "sdclip"), "AUTOCAST": ("auto", "bf16", "off"), "TTT": ("off", "chunk", "doc"),
+           "LOADER": ("stream", "shuffle"), "TTT_LORA_HEAD": (0, 1),
            "COMPILE": (-1, 0, 1), "ATTN": ("auto", "fa3", "flex", "sdpa"),
            **{k: (0, 1) for k in ("EVAL_ONLY", "LN_SCALE", "SKIP_GATES", "FUSED_CE", "DOC_MASK", "ATTN_GATE", "PARALLEL_LANES",
                                   "MUON_ROW_NORM", "MUON_BATCHED")}, "EMBED_BITS": (6, 7, 8, 16), "SMEAR_GATE": (0, 1, 2),
            "SMALL_BITS": (8, 16)}
 POSITIVE = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TRAIN_SEQ_LEN", "EVAL_BATCH_SEQS",
             "ITERATIONS", "SDCLIP_K", "SDCLIP_K_EMBED", "GPTQ_CALIB_BATCHES", "GPTQ_DAMP", "TTT_CHUNK_TOKENS", "TTT_LR",
-            "TTT_EPOCHS", "TTT_DOC_CHUNK", "TTT_LORA_RANK", "TTT_LORA_LR", "TTT_DOC_BATCH", "TTT_DOC_PHASES")
+            "TTT_EPOCHS", "TTT_DOC_CHUNK", "TTT_LORA_RANK", "TTT_LORA_LR", "TTT_DOC_BATCH", "TTT_PREFIX_DOCS", "TTT_LORA_SCALE")
 
 
 def parse_hparams(env=None) -> dict:
@@ -311,8 +337,15 @@ def check_hparams(hp: dict, world: int) -> None:
     need(hp["GPTQ_RESERVE_SECONDS"] >= 0, "GPTQ_RESERVE_SECONDS must be non-negative")
     need(0 <= hp["SDCLIP_LAMBDA"] <= 1, f"SDCLIP_LAMBDA={hp['SDCLIP_LAMBDA']} must be in [0, 1]")
     need(not hp["LQER_RANK"] or hp["QUANT_METHOD"] == "gptq", "LQER_RANK needs QUANT_METHOD=gptq: it weighs errors by the GPTQ Hessians")
-    need(hp["LQER_RANK"] >= 0 and hp["LQER_TOP"] >= 0 and 2 <= hp["LQER_BITS"] <= 7,
-         "LQER_RANK and LQER_TOP must be non-negative and LQER_BITS in 2..7")
+    need(hp["LQER_RANK"] >= 0 and hp["LQER_TOP"] >= 0 and 2 <= hp["LQER_BITS"] <= 7 and hp["LQER_GROUP"] >= 0,
+         "LQER_RANK, LQER_TOP and LQER_GROUP must be non-negative and LQER_BITS in 2..7")
+    need(hp["SDCLIP_K_MLP"] >= 0 and hp["SDCLIP_K_ATTN"] >= 0, "SDCLIP_K_MLP and SDCLIP_K_ATTN must be non-negative (0 = SDCLIP_K)")
+    betas = num_list(hp, "TTT_LORA_BETAS", float)
+    need(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"TTT_LORA_BETAS={hp['TTT_LORA_BETAS']!r} must be two numbers in [0, 1)")
+    need(hp["TTT_DOC_PHASES"] >= 0 and hp["TTT_LORA_WD"] >= 0 and hp["TTT_GRAD_CLIP"] >= 0,
+         "TTT_DOC_PHASES, TTT_LORA_WD and TTT_GRAD_CLIP must be non-negative")
+    need(hp["TTT"] == "off" or hp["MICRO_BATCHES"] % world == 0,
+         f"TTT needs MICRO_BATCHES={hp['MICRO_BATCHES']} to be a multiple of the world size {world}: its SGD sums gradients over that many slots")
     need(hp["RESUME"] != "auto" or hp["RUN_ID"], "RESUME=auto needs RUN_ID=name: it resumes LOG_DIR/RUN_ID.ckpt")
     if hp["EVAL_ONLY"]:
         need(hp["ARTIFACT"], "EVAL_ONLY=1 needs ARTIFACT=path/to/artifact.ptz")
@@ -578,6 +611,64 @@ class DistributedTokenLoader:
         span = span.to(self.device, non_blocking=True)
         return span[:-1].view(-1, seq_len), span[1:].view(-1, seq_len)
 
+    def state(self) -> list[int]:
+        return [self.stream.idx, self.stream.pos]
+
+    def restore(self, state: list[int]) -> None:
+        s = self.stream
+        s.idx, s.pos = state
+        s.tokens = load_data_shard(s.files[s.idx])
+
+
+class ShuffleLoader:
+    """LOADER=shuffle: each epoch every shard gets a random phase in [0, L) and is cut into sequences of L (+1) tokens
+    from there; all sequences of all shards are dealt in one random order (from SEED and the epoch), B/L per step,
+    rank r reading slice r of each step's sequences, so the global batch is the same for any world size."""
+
+    def __init__(self, files, rank, world, device, seed: int, seq_len: int):
+        self.files, self.rank, self.world, self.device, self.seed, self.L = files, rank, world, device, seed, seq_len
+        self.sizes = [read_shard_header(f) for f in files]
+        self.maps = [np.memmap(f, dtype="<u2", mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,)) for f, n in zip(files, self.sizes)]
+        self.restore([0, 0])
+
+    def _deal(self) -> None:
+        rng, L = np.random.default_rng([self.seed, self.epoch]), self.L
+        phase = [int(rng.integers(min(L, max(1, n - L)))) for n in self.sizes]
+        counts = [max(0, (n - 1 - p) // L) for n, p in zip(self.sizes, phase)]
+        if not sum(counts):
+            raise UserError(f"the training shards hold no sequence of TRAIN_SEQ_LEN={L} + 1 tokens")
+        shard = np.repeat(np.arange(len(counts)), counts)
+        start = np.concatenate([p + L * np.arange(c) for p, c in zip(phase, counts)])
+        order = rng.permutation(len(shard))
+        self.order = shard[order], start[order]
+
+    def next_batch(self, batch_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        n, picks = batch_tokens // seq_len, []
+        while n > 0:
+            if self.cursor == len(self.order[0]):
+                self.restore([self.epoch + 1, 0])
+            k = min(n, len(self.order[0]) - self.cursor)
+            picks += list(zip(*(a[self.cursor:self.cursor + k] for a in self.order)))
+            self.cursor, n = self.cursor + k, n - k
+        per = len(picks) // self.world
+        rows = [self.maps[i][j:j + seq_len + 1] for i, j in picks[self.rank * per:(self.rank + 1) * per]]
+        span = torch.from_numpy(np.stack(rows).astype(np.int64)).to(self.device, non_blocking=True)
+        return span[:, :-1], span[:, 1:]
+
+    def state(self) -> list[int]:
+        return [self.epoch, self.cursor]
+
+    def restore(self, state: list[int]) -> None:
+        self.epoch, self.cursor = state
+        self._deal()
+
+
+def make_loader(hp, files: list[str], ctx):
+    """The training batches LOADER names; a fresh one starts at the beginning."""
+    if hp["LOADER"] == "shuffle":
+        return ShuffleLoader(files, ctx.rank, ctx.world, ctx.device, hp["SEED"], hp["TRAIN_SEQ_LEN"])
+    return DistributedTokenLoader(files, ctx.rank, ctx.world, ctx.device)
+
 
 def byte_luts(hp, device) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token byte counts for val_bpb, exactly as the challenge defines them:
@@ -703,11 +794,12 @@ def fake_quant(w: Tensor, bits: int, spec: tuple[str, list[float]], on: Tensor) 
     return torch.where(on, w + (dq - w).detach(), w)
 
 
-def quant_spec(hp: Config, table: bool) -> tuple[str, list[float]]:
-    """How a matrix (or, `table`, an embedding table) gets its per-row scale candidates: ("amax", clips) = fractions of
-    the row max, ("std", [k]) = SDClip, k standard deviations of the row."""
+def quant_spec(hp: Config, name: str, table: bool) -> tuple[str, list[float]]:
+    """How matrix `name` (an embedding table if `table`) gets its per-row scale candidates: ("amax", clips) = fractions
+    of the row max, ("std", [k]) = SDClip, k standard deviations of the row (k by role: tables, MLP, attention)."""
     if hp["QUANT_SCALE"] == "sdclip":
-        return "std", [hp["SDCLIP_K_EMBED"] if table else hp["SDCLIP_K"]]
+        role = "EMBED" if table else "MLP" if ".mlp." in name else "ATTN" if ".attn." in name else ""
+        return "std", [hp[f"SDCLIP_K_{role}"] if role and hp[f"SDCLIP_K_{role}"] else hp["SDCLIP_K"]]
     return "amax", hp.clips
 
 
@@ -766,11 +858,11 @@ def gptq(w: Tensor, H: Tensor, bits: int, cands: list[float], stat: str = "amax"
     return q.to(torch.int8), scale.gather(0, pick)[0, :, 0].half(), best
 
 
-def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None, table: bool = False) -> dict:
+def quant_fields(t: Tensor, bits: int, hp, H: Tensor | None = None, table: bool = False, name: str = "") -> dict:
     """An entry's int scheme, symbols, fp16 scales, mean chosen scale candidate and reconstruction MSE: GPTQ when
     QUANT_METHOD=gptq and the matrix has a Hessian (tables that are only looked up have none; SDCLIP_LAMBDA applies
     there), else RTN."""
-    stat, cands = quant_spec(hp, table)
+    stat, cands = quant_spec(hp, name, table)
     if H is not None and hp["QUANT_METHOD"] == "gptq":
         mult = sdclip_rows(t, H, hp["SDCLIP_LAMBDA"]) if stat == "std" and hp["SDCLIP_LAMBDA"] else None
         q, s, best = gptq(t, H, bits, cands, stat, damp=hp["GPTQ_DAMP"], mult=mult)
@@ -791,7 +883,7 @@ def quantize_state(state: dict[str, Tensor], kinds: dict[str, tuple[int, bool]],
         e = dict(name=name, shape=list(t.shape))
         if name in kinds and t.numel() > hp["QUANT_MIN_NUMEL"]:
             bits, table = kinds[name]
-            e.update(quant_fields(t, bits, hp, hessians.get(name), table))
+            e.update(quant_fields(t, bits, hp, hessians.get(name), table, name))
             originals[name] = t.float()
         elif t.ndim == 2 and hp["SMALL_BITS"] == 8:
             q, s, _ = quantize_rows(t, 8, [1.0])
@@ -816,16 +908,19 @@ def entropy_bytes(entries: list[dict]) -> int:
     return int(total)
 
 
-def quantize_asym(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric per-row rounding to 0..2^bits-1: x ~ q * scale + zero, with fp16 scale and zero (LQER's factors)."""
-    lo, hi = x.amin(dim=1), x.amax(dim=1)
+def quantize_asym(x: Tensor, bits: int, group: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric rounding to 0..2^bits-1: x ~ q * scale + zero, one fp16 scale and zero per row, or per `group`
+    consecutive values of the flattened x (LQER's factors); q keeps x's shape."""
+    g = x.reshape(-1, group) if group else x
+    lo, hi = g.amin(dim=1), g.amax(dim=1)
     s, z = ((hi - lo) / (2 ** bits - 1)).clamp_min(SCALE_FLOOR).half(), lo.half()
-    q = torch.clamp(torch.round((x - z.float()[:, None]) / s.float()[:, None]), 0, 2 ** bits - 1)
-    return q.to(torch.int8), s, z
+    q = torch.clamp(torch.round((g - z.float()[:, None]) / s.float()[:, None]), 0, 2 ** bits - 1)
+    return q.to(torch.int8).view_as(x), s, z
 
 
 def dequant_asym(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
-    return q.float() * s.float()[:, None] + z.float()[:, None]
+    """Inverse of quantize_asym: the group size is q's size over the number of scales."""
+    return (q.float().reshape(s.numel(), -1) * s.float()[:, None] + z.float()[:, None]).view(q.shape)
 
 
 def output_error(E: Tensor, H: Tensor) -> float:
@@ -847,8 +942,9 @@ def lqer_fields(w: Tensor, e: dict, H: Tensor, hp: Config) -> dict | None:
     r = min(hp["LQER_RANK"], S.numel())
     A = U[:, :r] * S[:r].sqrt()
     Bt = torch.linalg.solve_triangular(L.T, Vh[:r].T * S[:r].sqrt(), upper=True)  # B = S^1/2 Vh L^-1
-    (la, la_s, la_z), (lb, lb_s, lb_z) = quantize_asym(A.float(), hp["LQER_BITS"]), quantize_asym(Bt.T.float(), hp["LQER_BITS"])
-    return dict(lqer=r, la=la, la_s=la_s, la_z=la_z, lb=lb, lb_s=lb_s, lb_z=lb_z)
+    g = hp["LQER_GROUP"] if hp["LQER_GROUP"] and A.numel() % hp["LQER_GROUP"] == Bt.numel() % hp["LQER_GROUP"] == 0 else 0
+    (la, la_s, la_z), (lb, lb_s, lb_z) = (quantize_asym(f.float().contiguous(), hp["LQER_BITS"], g) for f in (A, Bt.T))
+    return dict(lqer=r, **({"lqer_group": g} if g else {}), la=la, la_s=la_s, la_z=la_z, lb=lb, lb_s=lb_s, lb_z=lb_z)
 
 
 def lqer_product(e: dict) -> Tensor:
@@ -905,17 +1001,20 @@ class QLinear(nn.Module):
         self.bits, self.init = bits, init  # init: ortho, zero, or ortho_scaled (x 1/sqrt(2 layers))
         self.register_buffer("qat", torch.zeros((), dtype=torch.bool), persistent=False)
         self.qspec: tuple | None = None  # set by GPT when QAT can switch on; None = no fake-quant ops at all
-        self.lora: tuple[Tensor, Tensor] | None = None  # TTT=doc: per-row adapter (A: B x r x in, B: B x out x r)
+        self.lora: tuple[Tensor, Tensor, float] | None = None  # TTT=doc: per-row adapter (A: B x r x in, B: B x out x r, scale)
 
     def qweight(self) -> Tensor:
         return self.weight if self.qspec is None else fake_quant(self.weight, self.bits, self.qspec, self.qat)
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.qweight().to(x.dtype))
-        if self.lora is not None:
-            a, b = self.lora
-            y = y + (x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype)
-        return y
+        return y if self.lora is None else y + lora_out(x, self.lora)
+
+
+def lora_out(x: Tensor, lora: tuple[Tensor, Tensor, float]) -> Tensor:
+    """A TTT=doc adapter's output, one adapter per batch row: scale * (x A^T) B^T."""
+    a, b, scale = lora
+    return scale * ((x @ a.transpose(1, 2).to(x.dtype)) @ b.transpose(1, 2).to(x.dtype))
 
 
 class QEmbedding(QLinear):
@@ -1086,6 +1185,7 @@ class GPT(nn.Module):
         self.arch = {k: arch[k] for k in ARCH_KEYS}
         self.sw = Switches(doc_mask=bool(arch["DOC_MASK"]))
         self.attn_kernel, self.fused_ce = "sdpa", False  # how to compute, set by whoever runs the model (build_model)
+        self.head_lora: tuple[Tensor, Tensor, float] | None = None  # TTT_LORA_HEAD: an adapter on the logits
         V, dim, L = arch["VOCAB_SIZE"], arch["MODEL_DIM"], arch["NUM_LAYERS"]
         kv_dim = arch["NUM_KV_HEADS"] * (dim // arch["NUM_HEADS"])
         self.tok_emb = QEmbedding(V, dim, std=0.005, bits=embed_bits)
@@ -1138,10 +1238,10 @@ class GPT(nn.Module):
     def set_qat(self, hp: Config | None) -> None:
         """Put the exporter's own quantizer (quant_spec: the same scales) into the forward pass of every matrix that
         ships quantized, gated by each module's `qat` buffer (off until switch(qat=True)); None removes it."""
-        for m in self.modules():
+        for n, m in self.named_modules():
             if isinstance(m, QLinear):
                 ships = hp is not None and m.bits < 16 and m.weight.numel() > hp["QUANT_MIN_NUMEL"]
-                m.qspec = quant_spec(hp, isinstance(m, QEmbedding)) if ships else None
+                m.qspec = quant_spec(hp, f"{n}.weight", isinstance(m, QEmbedding)) if ships else None
 
     def switch(self, **changes) -> None:
         """Set Switches fields; the QAT flag also goes into every matrix's `qat` buffer."""
@@ -1205,10 +1305,11 @@ class GPT(nn.Module):
                 skips.append(x)
         x = 0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x
         cap, h = self.arch["LOGIT_SOFTCAP"], self.final_norm(x)
-        if self.fused_ce and torch.is_grad_enabled():  # training (and TTT): the chunked form; scoring stays plain
+        if self.fused_ce and torch.is_grad_enabled() and self.head_lora is None:  # training and TTT's SGD: the chunked form
             loss = SoftcapCE.apply(h.reshape(B * T, -1), w_emb, targets.reshape(-1), cap)
             return loss.view(B, T) if per_token else loss.mean()
-        logits = cap * torch.tanh(F.linear(h, w_emb.to(x.dtype)).float() / cap)
+        logits = F.linear(h, w_emb.to(x.dtype))
+        logits = cap * torch.tanh((logits if self.head_lora is None else logits + lora_out(h, self.head_lora)).float() / cap)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), reduction="none" if per_token else "mean")
         return loss.view(B, T) if per_token else loss
 
@@ -1455,7 +1556,7 @@ class TrainState:
     model: GPT
     opts: list
     ema: list[Tensor] | None
-    loader: DistributedTokenLoader
+    loader: DistributedTokenLoader | ShuffleLoader
     step: int = 0
     elapsed_ms: float = 0.0
     forecast_done: bool = False
@@ -1485,7 +1586,7 @@ def save_checkpoint(ctx: Context, path: str, config: dict, ts: TrainState) -> No
     def go():
         state = dict(config=config, step=ts.step, elapsed_ms=ts.elapsed_ms, switches=dataclasses.asdict(ts.model.sw),
                      forecast_done=ts.forecast_done,
-                     loader=[ts.loader.stream.idx, ts.loader.stream.pos], rng=torch.get_rng_state(),
+                     loader=ts.loader.state(), rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state() if flat.is_cuda else None, model=ts.model.state_dict(),
                      ema=ts.ema, muon=flat, adam=ts.opts[1].state_dict())
         buf = io.BytesIO()
@@ -1531,9 +1632,7 @@ def restore_checkpoint(ck: dict, ts: TrainState) -> None:
         if id(p) in mine:
             muon.state[p]["m"] = m.view_as(p).to(p.device, copy=True)
     ts.opts[1].load_state_dict(ck["adam"])
-    s = ts.loader.stream
-    s.idx, s.pos = ck["loader"]
-    s.tokens = load_data_shard(s.files[s.idx])
+    ts.loader.restore(ck["loader"])
     torch.set_rng_state(ck["rng"])
     if ck["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ck["cuda_rng"])
@@ -1594,7 +1693,7 @@ def warm_up(hp: Config, ctx: Context, model: GPT, opts, step_fn, files) -> None:
     if not hp["WARMUP_STEPS"]:
         return
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    loader = DistributedTokenLoader(files, ctx.rank, ctx.world, ctx.device)
+    loader = make_loader(hp, files, ctx)
     for s in range(hp["WARMUP_STEPS"]):
         model.switch(qat=hp["QAT_THRESHOLD"] > 0 and s >= hp["WARMUP_STEPS"] // 2, loops=s % len(model.orders))
         step_fn(loader, 0, 0.0)
@@ -1671,7 +1770,7 @@ def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
         ctx.log("late_qat:enabled step:0 lr_mult:1.000")
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params] if hp["EMA_DECAY"] > 0 else None
-    ts = TrainState(model, opts, ema, DistributedTokenLoader(files, ctx.rank, ctx.world, ctx.device))
+    ts = TrainState(model, opts, ema, make_loader(hp, files, ctx))
     if ck is not None:
         restore_checkpoint(ck, ts)
         ctx.log(f"resume: {resume} step:{ts.step} train_time:{ts.elapsed_ms:.0f}ms")
@@ -1748,6 +1847,12 @@ def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
 # ----------------------------------------------------------------------------- calibration
 # GPTQ's input Hessians, from the training batches that follow the loop, inside the wall-clock cap.
 @torch.no_grad()
+def tree_sum(ts: list[Tensor]) -> Tensor:
+    """Sum as a midpoint tree: a rank's contiguous share of the leaves is a subtree, so one all-reduce over 2 ranks
+    completes the same tree as 1 rank alone, bit for bit."""
+    return ts[0] if len(ts) == 1 else tree_sum(ts[:len(ts) // 2]) + tree_sum(ts[len(ts) // 2:])
+
+
 def collect_hessians(hp: Config, ctx: Context, model: GPT, loader, budget_ms: float | None) -> tuple[dict, int, float]:
     """GPTQ calibration: H = sum of X^T X over the inputs of every matrix that ships quantized (for the tied
     embedding, the final-norm output: it is also the output layer), from up to GPTQ_CALIB_BATCHES further training
@@ -1793,8 +1898,7 @@ def collect_hessians(hp: Config, ctx: Context, model: GPT, loader, budget_ms: fl
     finally:
         for h in hooks:
             h.remove()
-    tree = lambda t: t[0] if len(t) == 1 else tree(t[:len(t) // 2]) + tree(t[len(t) // 2:])
-    flat = torch.cat([tree(h).flatten() for h in H.values()])
+    flat = torch.cat([tree_sum(h).flatten() for h in H.values()])
     if ctx.world > 1:
         dist.all_reduce(flat)
     out, off = {}, 0
@@ -1862,9 +1966,10 @@ def array_specs(m: dict) -> dict[str, tuple[torch.dtype, list[int]]]:
         return {"data": (torch.float16 if m["scheme"] == "fp16" else torch.float32, shape)}
     specs = {"q": (torch.int8, shape), "scale": (torch.float16, shape[:1])}
     if "lqer" in m:
-        r, h = m["lqer"], torch.float16
-        specs |= {"la": (torch.int8, [shape[0], r]), "la_s": (h, shape[:1]), "la_z": (h, shape[:1]),
-                  "lb": (torch.int8, [r, shape[1]]), "lb_s": (h, [r]), "lb_z": (h, [r])}
+        r, h, g = m["lqer"], torch.float16, m.get("lqer_group")
+        na, nb = ([shape[0] * r // g], [r * shape[1] // g]) if g else (shape[:1], [r])  # scales: per group or per row
+        specs |= {"la": (torch.int8, [shape[0], r]), "la_s": (h, na), "la_z": (h, na),
+                  "lb": (torch.int8, [r, shape[1]]), "lb_s": (h, nb), "lb_z": (h, nb)}
     return specs
 
 
@@ -2027,8 +2132,8 @@ def fit_int5(entries, originals, config: dict, hp: Config, *, code_bytes: int, l
     for i, e in enumerate(entries):
         if e.get("scheme") == "int6":
             w = originals[e["name"]]
-            f5 = quant_fields(w, 5, hp, hessians.get(e["name"]))
-            e5 = {k: v for k, v in e.items() if k not in ("lqer", "la", "la_s", "la_z", "lb", "lb_s", "lb_z")}
+            f5 = quant_fields(w, 5, hp, hessians.get(e["name"]), name=e["name"])
+            e5 = {k: v for k, v in e.items() if k not in ("lqer", "lqer_group", "la", "la_s", "la_z", "lb", "lb_s", "lb_z")}
             e5 |= {k: v.cpu() if torch.is_tensor(v) else v for k, v in f5.items()}
             saved = max(entropy_bytes([e]) - entropy_bytes([e5]), 1)
             cand.append(((e5["mse"] - e["mse"]) * w.numel() / saved, i, e5))
@@ -2223,36 +2328,42 @@ def chunk_windows(n: int, L: int, stride: int, C: int) -> list[tuple[Tensor, Ten
     return out
 
 
-def ttt_grad(ctx: Context, model: GPT, tokens: Tensor, a: int, b: int, *, L: int, batch: int) -> None:
-    """Each parameter's .grad := the gradient of the mean loss over targets a..b, cut into sequences of L targets
-    (the last one shorter), dealt round-robin to the ranks, `batch` per pass, then summed over ranks."""
-    device, n_tgt = tokens.device, b - a + 1
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    mine = torch.arange(ctx.rank, -(-n_tgt // L), ctx.world, device=device)
-    for k in range(0, len(mine), batch):
-        t0 = a + L * mine[k:k + batch]
-        for t, m in ((t0[t0 + L <= b + 1], L), (t0[t0 + L > b + 1], n_tgt % L)):
-            if len(t):
-                tok = tokens[(t - 1)[:, None] + torch.arange(m + 1, device=device)].long()
-                with ctx.autocast():
-                    loss = model(tok[:, :-1], tok[:, 1:], per_token=True).sum() / n_tgt
-                loss.backward()
+def ttt_grad(hp: Config, ctx: Context, model: GPT, tokens: Tensor, a: int, b: int) -> None:
+    """Each parameter's .grad := the gradient of the mean loss over targets a..b, cut into sequences of TRAIN_SEQ_LEN
+    targets (the last one shorter) in MICRO_BATCHES contiguous slots, rank r taking slots [rK/W, (r+1)K/W),
+    EVAL_BATCH_SEQS sequences per pass. Each slot's gradient is kept apart, then the slots are summed as a tree
+    (tree_sum, then one all-reduce), so 1 and 2 ranks give bit-identical gradients."""
+    L, K, batch, device, n_tgt = hp["TRAIN_SEQ_LEN"], hp["MICRO_BATCHES"], hp["EVAL_BATCH_SEQS"], tokens.device, b - a + 1
+    params, edges = list(model.parameters()), [-(-n_tgt // L) * k // K for k in range(K + 1)]
+    slots, per = [], K // ctx.world
+    for k in range(ctx.rank * per, (ctx.rank + 1) * per):
+        model.zero_grad(set_to_none=True)
+        seqs = torch.arange(edges[k], edges[k + 1], device=device)
+        for i in range(0, len(seqs), batch):
+            t0 = a + L * seqs[i:i + batch]
+            for t, m in ((t0[t0 + L <= b + 1], L), (t0[t0 + L > b + 1], n_tgt % L)):
+                if len(t):
+                    tok = tokens[(t - 1)[:, None] + torch.arange(m + 1, device=device)].long()
+                    with ctx.autocast():
+                        loss = model(tok[:, :-1], tok[:, 1:], per_token=True).sum() / n_tgt
+                    loss.backward()
+        slots.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]))
+    flat = tree_sum(slots)
     if ctx.world > 1:
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
         dist.all_reduce(flat)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
 
 
 def ttt_sgd(hp: Config, ctx: Context, model: GPT, opt, tokens: Tensor, a: int, b: int, *, t: float) -> None:
     """TTT_EPOCHS SGD steps on the mean loss of targets a..b, all ranks together, at TTT_LR cosine-decayed to
-    t in [0, 1) of the way through the stretches trained on."""
+    t in [0, 1] of the way through the stretches trained on, the gradient's norm clipped to TTT_GRAD_CLIP."""
     for g in opt.param_groups:
         g["lr"] = hp["TTT_LR"] * 0.5 * (1 + math.cos(math.pi * t))
     for _ in range(hp["TTT_EPOCHS"]):
-        ttt_grad(ctx, model, tokens, a, b, L=hp["TRAIN_SEQ_LEN"], batch=hp["EVAL_BATCH_SEQS"])
+        ttt_grad(hp, ctx, model, tokens, a, b)
+        if hp["TTT_GRAD_CLIP"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp["TTT_GRAD_CLIP"], foreach=True)
         opt.step()
     model.zero_grad(set_to_none=True)
 
@@ -2276,25 +2387,28 @@ def ttt_chunk(hp: Config, ctx: Context, model: GPT, fwd, val: Validation, out: T
 
 
 def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor | None = None):
-    """Legal per-document LoRA TTT: document d (BOS to BOS; it also scores the next BOS) is
-    scored TTT_DOC_CHUNK targets at a time, in a window of at most EVAL_SEQ_LEN that never starts before its BOS, with
-    its own fresh adapter, which then takes one AdamW step on those targets. Rows of a batch are documents of similar
-    length, padded to a length set by the step alone, so a score depends only on its document's earlier tokens and,
-    with TTT_DOC_PHASES > 1, on the base weights, which change only by SGD on whole phases already scored (a phase:
-    the documents starting in one equal slice of the stream's positions). Returns (val_loss, val_bpb, scored tokens)."""
+    """Legal per-document LoRA TTT: document d (BOS to BOS; it also scores the next BOS) is scored TTT_DOC_CHUNK
+    targets at a time, in a window of at most EVAL_SEQ_LEN that never starts before its BOS, with its own fresh adapter
+    (on every linear layer, and the logits with TTT_LORA_HEAD), which then takes one AdamW step on those targets. Rows
+    of a batch are documents of similar length, padded to a length set by the step alone, so a score depends only on
+    its document's earlier tokens and on the base weights. Those change only with TTT_DOC_PHASES = P > 0: the first
+    TTT_PREFIX_DOCS documents are scored in P phases, each followed by SGD (chunk's, over TTT_CHUNK_TOKENS pieces) on
+    every document scored so far; the rest are scored with the final weights. Returns (val_loss, val_bpb, tokens)."""
     tokens = val.tokens
     L, c, nb, r, n, device = hp.eval_len, hp["TTT_DOC_CHUNK"], hp["TTT_DOC_BATCH"], hp["TTT_LORA_RANK"], len(tokens), tokens.device
     if c > L:
         raise UserError(f"TTT_DOC_CHUNK={c} must be at most the evaluation window {L}")
     starts = sorted({0} | set((tokens[:-1] == BOS_ID).nonzero().flatten().tolist()))
     docs, P = list(zip(starts, starts[1:] + [n - 1])), hp["TTT_DOC_PHASES"]  # document = targets start+1..end
-    linears = [m for _, m in model.linears()]
+    cuts = [min(hp["TTT_PREFIX_DOCS"], len(docs)) * (p + 1) // P for p in range(P)]
+    phases = [docs[i:j] for i, j in zip([0] + cuts, cuts + [len(docs)])]  # P prefix phases, then the rest
+    targets = [m for _, m in model.linears()] + ([model] if hp["TTT_LORA_HEAD"] else [])
     g = torch.Generator().manual_seed(hp["SEED"])  # one A for every document, on any rank
-    a0 = [(torch.randn(r, m.weight.size(1), generator=g) / math.sqrt(m.weight.size(1))).to(device) for m in linears]
-    sgd = torch.optim.SGD(model.parameters(), lr=hp["TTT_LR"], momentum=hp["TTT_MOMENTUM"])
+    dims = [(m.weight.size(1), m.weight.size(0)) if m is not model else (model.tok_emb.weight.size(1), model.tok_emb.weight.size(0))
+            for m in targets]
+    a0 = [(torch.randn(r, d, generator=g) / math.sqrt(d)).to(device) for d, _ in dims]
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for ph in range(P):
-        phase = [d for d in docs if d[0] * P // n == ph]
+    for ph, phase in enumerate(phases):
         mine = sorted(phase, key=lambda d: (d[1] - d[0], d[0]))[ctx.rank::ctx.world]  # like lengths batch together, even ranks
         model.requires_grad_(False)
         doc_mask = model.sw.doc_mask
@@ -2303,11 +2417,12 @@ def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor |
             batch = mine[i:i + nb] + [(0, 0)] * (nb - len(mine[i:i + nb]))  # padding rows score nothing
             s0, e = torch.tensor(batch, device=device).T
             adapters = []
-            for m, a in zip(linears, a0):  # B = 0: each adapter starts as the identity
-                m.lora = (a.expand(nb, -1, -1).clone().requires_grad_(),
-                          torch.zeros(nb, m.weight.size(0), r, device=device, requires_grad=True))
-                adapters += m.lora
-            opt = torch.optim.AdamW(adapters, lr=hp["TTT_LORA_LR"], weight_decay=0.0)
+            for m, a, (_, d_out) in zip(targets, a0, dims):  # B = 0: each adapter starts as the identity
+                lora = (a.expand(nb, -1, -1).clone().requires_grad_(), torch.zeros(nb, d_out, r, device=device, requires_grad=True))
+                adapters += lora
+                setattr(m, "head_lora" if m is model else "lora", (*lora, hp["TTT_LORA_SCALE"]))
+            opt = torch.optim.AdamW(adapters, lr=hp["TTT_LORA_LR"], betas=tuple(num_list(hp, "TTT_LORA_BETAS", float)),
+                                    weight_decay=hp["TTT_LORA_WD"])
             for k in range(-(-int((e - s0).max()) // c)):
                 first, T = s0 + 1 + k * c, min((k + 1) * c, L)
                 last = torch.minimum(first + c - 1, e)
@@ -2324,12 +2439,16 @@ def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor |
                 ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        for m in linears:
-            m.lora = None
+        for m in targets:
+            setattr(m, "head_lora" if m is model else "lora", None)
         model.requires_grad_(True)
         model.switch(doc_mask=doc_mask)
-        if ph < P - 1 and phase:  # every rank has scored its share of the phase: train the base on all of it
-            ttt_sgd(hp, ctx, model, sgd, tokens, phase[0][0] + 1, phase[-1][1], t=ph / (P - 1))
+        if ph < P and phase and any(phases[ph + 1:]):  # every rank has scored its share: SGD on all documents so far
+            sgd, C, end = torch.optim.SGD(model.parameters(), lr=hp["TTT_LR"], momentum=hp["TTT_MOMENTUM"]), hp["TTT_CHUNK_TOKENS"], phase[-1][1]
+            pieces = [(a, min(a + C - 1, end)) for a in range(1, end + 1, C)]
+            for j, (a, b) in enumerate(pieces):
+                ttt_sgd(hp, ctx, model, sgd, tokens, a, b, t=j / len(pieces))
+            ctx.log(f"ttt_phase: {ph + 1}/{P} documents_scored:{cuts[ph]} sgd_targets:{end} sgd_steps:{len(pieces) * hp['TTT_EPOCHS']}")
     return metrics(ctx, sums)
 
 

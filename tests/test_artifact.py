@@ -154,6 +154,26 @@ def test_asymmetric_factor_rounding_is_within_half_a_step():
     assert ((T.dequant_asym(q, s, z) - x).abs() <= s.float()[:, None] * 0.5 + 1e-3 * x.abs().max()).all()
 
 
+def test_grouped_factor_rounding_keeps_one_scale_per_group_and_round_trips_through_the_file():
+    """LQER_GROUP: one scale and zero per N consecutive values of a factor (within half a step of each value), the
+    header says so, and the file restores the factors and the corrected weights exactly."""
+    x = torch.randn(64, 4) * 3
+    q, s, z = T.quantize_asym(x, 4, 16)
+    assert q.shape == x.shape and s.shape == z.shape == (16,)
+    assert ((T.dequant_asym(q, s, z) - x).abs().view(16, 16) <= s.float()[:, None] * 0.5 + 1e-3 * x.abs().max()).all()
+    hp, model, entries, originals, hs = case(LQER_RANK=4, LQER_TOP=2, LQER_GROUP=64)
+    T.add_lqer(entries, originals, hs, hp)
+    fixed = [e for e in entries if "lqer" in e]
+    assert fixed and all(e["lqer_group"] == 64 and e["la_s"].numel() == e["la"].numel() // 64 for e in fixed)
+    meta, back = T.unpack_artifact(T.pack_artifact(entries, {"x": 1}))
+    for k, v in T.dequantize(back).items():
+        assert torch.equal(v, T.dequantize(entries)[k]), k
+    per_row = case(LQER_RANK=4, LQER_TOP=2)
+    T.add_lqer(per_row[2], per_row[3], per_row[4], per_row[0])
+    assert sum(e["la_s"].numel() + e["lb_s"].numel() for e in per_row[2] if "lqer" in e) > 2 * sum(
+        e["la_s"].numel() + e["lb_s"].numel() for e in fixed)  # fewer scale bytes than per row
+
+
 def test_hessian_aware_sdclip_widens_the_clip_of_rows_that_feed_on_busy_inputs():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 64, generator=g)

@@ -362,12 +362,17 @@ def test_windowed_smear_gate_adds_a_gated_previous_embedding_except_at_bos():
         assert torch.allclose(seen[model][0, 5], T.rms_norm(x[0, 5]), atol=1e-6), "a BOS takes nothing from before"
 
 
-def test_the_1_0611_records_structure_has_its_parameter_count():
-    """The 1.0611 record logs 35,945,671 parameters: the frontier preset's model (35,943,512) with blocks 3-5 looped
-    (one more U-Net skip: +2 x 512), the attention gate (11 x 8 x 12), the windowed SmearGate (13) and the two lanes
-    from block 8. It allocates lane weights for all 11 blocks (66) where only blocks 8-10 use them (18 here)."""
-    env = {"PRESET": "frontier", "VOCAB_SIZE": "8192"}
-    top = dict(LOOP_LAYERS="3,4,5", PARALLEL_FROM="8", PARALLEL_LANES="1", ATTN_GATE="1", SMEAR_GATE="2", QK_GAIN_INIT="5.0")
+def test_the_top_preset_has_the_1_0611_records_parameter_count_and_settings():
+    """PRESET=top logs the 1.0611 record's 35,945,671 parameters, less the 48 lane weights it allocates for blocks that
+    never run two lanes: the frontier preset's model (35,943,512) with blocks 3-5 looped (one more U-Net skip:
+    +2 x 512), the attention gate (11 x 8 x 12), the windowed SmearGate (13) and the lanes from block 8 (3 blocks x 6,
+    where the record allocates 11 x 6). Its quantizer takes the record's clip per role."""
     with torch.device("meta"):
-        counts = [sum(p.numel() for p in T.GPT(T.resolve_config(e).arch).parameters()) for e in (env, env | top)]
+        counts = [sum(p.numel() for p in T.GPT(T.resolve_config({"PRESET": p, "VOCAB_SIZE": "8192"}).arch).parameters())
+                  for p in ("frontier", "top")]
     assert counts == [35_943_512, 35_945_671 - 8 * 6]
+    hp = T.resolve_config({"PRESET": "top", "VOCAB_SIZE": "8192"})
+    model = T.GPT(T.Config(hp | {"NUM_LAYERS": 2, "LOOP_LAYERS": "", "PARALLEL_FROM": -1, "PARALLEL_LANES": 0}), embed_bits=7)
+    model.set_qat(hp)
+    assert [m.qspec for m in (model.blocks[0].mlp.fc, model.blocks[1].attn.q, model.tok_emb)] == [
+        ("std", [11.5]), ("std", [13.0]), ("std", [14.0])]

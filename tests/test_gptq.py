@@ -91,8 +91,11 @@ def test_sdclip_scale_is_k_row_stds_and_larger_k_means_fewer_bytes():
         sizes.append(T.entropy_bytes([dict(q=q, scale=s)]))
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1] * 1.5
     hp = T.parse_hparams({"QUANT_SCALE": "sdclip", "SDCLIP_K": "11", "SDCLIP_K_EMBED": "17"})
-    assert T.quant_spec(hp, False) == ("std", [11.0]) and T.quant_spec(hp, True) == ("std", [17.0])
-    assert T.quant_spec(T.resolve_config({}), False) == ("amax", CLIPS)
+    names = ("blocks.0.attn.q.weight", "blocks.3.mlp.proj.weight", "bigram_proj.weight")
+    assert [T.quant_spec(hp, n, False) for n in names] == [("std", [11.0])] * 3 and T.quant_spec(hp, "tok_emb.weight", True) == ("std", [17.0])
+    roles = T.parse_hparams({"QUANT_SCALE": "sdclip", "SDCLIP_K": "11", "SDCLIP_K_MLP": "11.5", "SDCLIP_K_ATTN": "13"})
+    assert [T.quant_spec(roles, n, False)[1] for n in names] == [[13.0], [11.5], [11.0]]  # per role; the rest keep SDCLIP_K
+    assert T.quant_spec(T.resolve_config({}), "blocks.0.mlp.fc.weight", False) == ("amax", CLIPS)
 
 
 def test_int5_fallback_reruns_gptq_at_five_bits():

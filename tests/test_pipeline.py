@@ -61,6 +61,9 @@ def test_two_processes_match_one(preset, precision, sample_data, tmp_path):
         assert torch.equal(h20[k], h21[k]) and torch.equal(h20[k], h1[k]), f"Hessian {k} differs"
     assert (one / "run.ptz").read_bytes() == (two / "run.ptz").read_bytes(), "artifacts differ"
     assert metric(log1, "final_roundtrip_exact") == metric(log2, "final_roundtrip_exact")
+    if preset == "top":  # its test-time training too: per-document adapters, then SGD phases whose gradients sum as a tree
+        assert [l[:14] for l in log1.splitlines() if l.startswith("ttt_phase:")] == [f"ttt_phase: {i}/3" for i in (1, 2, 3)]
+        assert metric(log1, "final_ttt_exact") == metric(log2, "final_ttt_exact")
     if preset == "frontier":
         assert "layer_loop:enabled passes:2" in log1 and T.unpack_artifact((one / "run.ptz").read_bytes())[0]["config"]["LOOP_ACTIVE"] == 2
     rc, _, err, log3 = run_script({"EVAL_ONLY": 1, "ARTIFACT": one / "run.ptz", "RUN_ID": "eval", "VAL_MAX_TOKENS": 4096,
@@ -178,6 +181,40 @@ def test_loader_gives_every_rank_its_disjoint_span(tmp_path):
         xs, ys = zip(*(p.next_batch(32, 4) for p in parts))
         assert torch.equal(torch.cat(xs), x) and torch.equal(torch.cat(ys), y)
         assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+
+
+def test_shuffle_loader_reads_every_sequence_once_per_epoch_the_same_for_any_world_size(tmp_path):
+    """LOADER=shuffle: per epoch each shard is cut into sequences of L + 1 tokens from a random phase below L, and all
+    of them come out once, in an order set by SEED and the epoch; ranks read consecutive slices of each step's
+    sequences, so the global batch is the same for 1, 2 and 4 ranks; state() and restore() resume mid-epoch."""
+    write_shard(tmp_path / "a_train_000000.bin", np.arange(1000) % 60000)
+    write_shard(tmp_path / "a_train_000001.bin", 10000 + np.arange(700))
+    files = sorted(str(p) for p in tmp_path.glob("*_train_*.bin"))
+    L, B = 16, 8 * 16
+    make = lambda r, w, seed=7: T.ShuffleLoader(files, r, w, "cpu", seed, L)
+    whole, per_epoch = make(0, 1), sum((n - 1 - p) // L for n, p in ((1000, 0), (700, 0)))
+    epoch0, n0 = [], len(whole.order[0])
+    while whole.epoch == 0:
+        x, y = whole.next_batch(B, L)
+        assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal((y[:, 0] - x[:, 0]) % 60000, torch.ones(8, dtype=torch.long))
+        epoch0 += [tuple(r) for r in x.tolist()]
+    assert len(set(epoch0[:n0])) == n0 and per_epoch - 2 <= n0 <= per_epoch  # each sequence once
+    starts = sorted(r[0] for r in epoch0[:n0] if r[0] < 1000)  # shard a: one phase below L, then steps of L
+    assert {b - a for a, b in zip(starts, starts[1:])} == {L} and starts[0] < L
+    for w in (2, 4):
+        parts, ref = [make(r, w) for r in range(w)], make(0, 1)
+        for _ in range(12):  # across an epoch boundary
+            x, y = ref.next_batch(B, L)
+            xs, ys = zip(*(p.next_batch(B, L) for p in parts))
+            assert torch.equal(torch.cat(xs), x) and torch.equal(torch.cat(ys), y)
+    a, b = make(0, 1), make(0, 1, seed=8)
+    assert not torch.equal(a.next_batch(B, L)[0], b.next_batch(B, L)[0])
+    for _ in range(3):
+        a.next_batch(B, L)
+    c = make(0, 1)
+    c.restore(a.state())
+    for _ in range(9):
+        assert torch.equal(a.next_batch(B, L)[0], c.next_batch(B, L)[0])
 
 
 # ---------------------------------------------------------------- bad input: one line, non-zero exit, nothing left

@@ -1,6 +1,7 @@
 """Document-aware attention (DOC_MASK) and legal score-first test-time training (TTT=chunk, TTT=doc)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as T
 
@@ -96,10 +97,10 @@ def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts
     out = torch.full((len(v),), float("nan"), dtype=torch.float64)
     calls, grad = [], T.ttt_grad
 
-    def spy(ctx, model, val, a, b, **kw):
+    def spy(hp, ctx, model, val, a, b):
         assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()  # scored, and nothing after yet
         calls.append((a, b))
-        return grad(ctx, model, val, a, b, **kw)
+        return grad(hp, ctx, model, val, a, b)
     monkeypatch.setattr(T, "ttt_grad", spy)
     model = noisy_model(hp)
     T.ttt_chunk(hp, T.Context(), model, T.eval_forward(model, False), V(v, luts), out=out)
@@ -108,7 +109,7 @@ def test_ttt_trains_only_on_scored_targets_and_never_on_the_last_chunk(val, luts
     for a, b in ((1, 255), (256, 511), (300, 330)):
         grads = []
         for w in (v, torch.cat((torch.randint(2, 1024, (a - 1,)), v[a - 1:b + 1], torch.randint(2, 1024, (len(v) - b - 1,))))):
-            grad(T.Context(), model, w.to(v.dtype), a, b, L=128, batch=4)
+            grad(hp, T.Context(), model, w.to(v.dtype), a, b)  # sequences of 128 targets, 4 per pass
             grads.append([p.grad.clone() for p in model.parameters()])
         assert all(torch.equal(x, y) for x, y in zip(*grads))
         model.zero_grad()
@@ -161,29 +162,56 @@ def test_doc_ttt_last_chunk_of_a_long_document_does_not_see_where_it_ends(val, l
     assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref, (e - 1, e - 2, e - 15, e - 16, e - 17), seed=4)
 
 
-def test_doc_phases_train_the_base_only_on_scored_phases(val, luts, monkeypatch):
-    """TTT_DOC_PHASES=3: after phases 1 and 2 (documents starting in positions 0..299, 300..599 of 900) the base takes
-    SGD steps on exactly that phase's targets, all scored by then; legality holds bit for bit across the phase
-    boundaries, and the phases change the later scores (so the test can fail)."""
-    hp, v = doc_hp(TTT_DOC_PHASES=3), val[:900]
+def test_doc_phases_train_the_base_on_every_document_scored_so_far(val, luts, monkeypatch):
+    """TTT_DOC_PHASES=2 over the first TTT_PREFIX_DOCS documents: after each phase the base takes SGD steps (TTT_EPOCHS
+    per TTT_CHUNK_TOKENS piece) on every target from the stream's start to that phase's last document's end, all
+    scored by then; the documents after the prefix are scored with the final weights, and no SGD follows them.
+    Legality holds bit for bit across the phase boundaries, and the phases change the later scores."""
+    v = val[:900]
+    bos = [0] + [i for i in range(1, len(v) - 1) if v[i] == T.BOS_ID]
+    ends = bos[1:] + [len(v) - 1]  # a document's last target is the next BOS
+    prefix = 2 * len(bos) // 3
+    hp = doc_hp(TTT_DOC_PHASES=2, TTT_PREFIX_DOCS=prefix)
     out, calls, grad = torch.full((len(v),), float("nan"), dtype=torch.float64), [], T.ttt_grad
 
-    def spy(ctx, model, w, a, b, **kw):
-        assert not out[a:b + 1].isnan().any() and out[b + 1:].isnan().all()
-        calls.append((a, b))
-        return grad(ctx, model, w, a, b, **kw)
+    def spy(hp, ctx, model, w, a, b):
+        calls.append((a, b, int((~out.isnan()).sum())))  # targets a..b, and how many targets are scored by then
+        return grad(hp, ctx, model, w, a, b)
     monkeypatch.setattr(T, "ttt_grad", spy)
     T.ttt_doc(hp, T.Context(), noisy_model(hp), V(v, luts), out=out)
     monkeypatch.setattr(T, "ttt_grad", grad)
-    bos = [0] + [i for i in range(1, len(v) - 1) if v[i] == T.BOS_ID]
-    ends = [next(b for b in bos if b >= cut) for cut in (300, 600)]  # each phase ends with its last document's end
-    assert calls == [(1, ends[0])] * 2 + [(ends[0] + 1, ends[1])] * 2
+    cut = [ends[prefix // 2 - 1], ends[prefix - 1]]  # scored by then: exactly targets 1..cut
+    pieces = lambda end: [(a, min(a + 255, end), end) for a in range(1, end + 1, 256) for _ in range(2)]
+    assert calls == pieces(cut[0]) + pieces(cut[1])
     ref, _ = doc_scores(hp, v, luts)
     torch.testing.assert_close(ref, out, rtol=0, atol=0, equal_nan=True)
     one, _ = doc_scores(doc_hp(), v, luts)
-    assert torch.equal(one[:ends[0] + 1].nan_to_num(), ref[:ends[0] + 1].nan_to_num())  # phase 1: no SGD yet
-    assert not torch.equal(one[ends[0] + 1:], ref[ends[0] + 1:])
-    assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref, (ends[0] - 1, ends[0], ends[0] + 1, 450, ends[1], 700), seed=3)
+    assert torch.equal(one[:cut[0] + 1].nan_to_num(), ref[:cut[0] + 1].nan_to_num())  # phase 1: no SGD yet
+    assert not torch.equal(one[cut[0] + 1:cut[1] + 1], ref[cut[0] + 1:cut[1] + 1])
+    assert not torch.equal(one[cut[1] + 1:], ref[cut[1] + 1:])
+    assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref, (cut[0] - 1, cut[0], cut[0] + 1, 450, cut[1], 700), seed=3)
+
+
+def test_output_head_adapter_adds_a_scaled_low_rank_term_to_the_logits(val, luts):
+    """TTT_LORA_HEAD: the logits gain TTT_LORA_SCALE * (h A^T) B^T per batch row (h = the final norm's output), the
+    same in the fused cross-entropy's setting; with it TTT=doc scores each target once and learns more."""
+    hp = doc_hp(FUSED_CE=1)
+    model, x = noisy_model(hp), val[None, :65].long().repeat(2, 1)
+    h = {}
+    model.final_norm.register_forward_hook(lambda m, a, o: h.setdefault("h", o))
+    base = model(x[:, :-1], x[:, 1:], per_token=True)
+    a, b = torch.randn(2, 4, 128), torch.randn(2, 1024, 4) * 0.1
+    model.head_lora = (a, b, 1.8)
+    got = model(x[:, :-1], x[:, 1:], per_token=True)
+    logits = F.linear(h["h"], model.tok_emb.weight) + 1.8 * (h["h"] @ a.transpose(1, 2)) @ b.transpose(1, 2)
+    want = F.cross_entropy((30 * torch.tanh(logits / 30)).flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base)
+    model.head_lora = None
+    v = val[:700]
+    plain, (loss0, _, n0) = doc_scores(hp, v, luts)
+    head, (loss1, _, n1) = doc_scores(doc_hp(TTT_LORA_HEAD=1), v, luts)
+    assert n0 == n1 == len(v) - 1 and not head[1:].isnan().any() and loss1 != loss0
 
 
 def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monkeypatch):
@@ -192,8 +220,8 @@ def test_doc_ttt_scores_each_target_once_for_any_world_and_batch(val, luts, monk
     monkeypatch.setattr(T, "metrics", lambda ctx, sums: sums)  # this rank's sums, not all-reduced
     monkeypatch.setattr(T, "ttt_sgd", lambda *a, **kw: None)  # phases: ranks simulated one after another cannot all-reduce
     v, res, ref = val[:700], [], None
-    for world, batch, phases in ((1, 4, 1), (2, 4, 1), (3, 4, 1), (2, 3, 1), (3, 32, 1), (1, 4, 3), (2, 3, 2)):
-        hp, covered, total = doc_hp(TTT_DOC_BATCH=batch, TTT_DOC_PHASES=phases), torch.zeros(len(v), dtype=torch.int64), 0
+    for world, batch, phases in ((1, 4, 0), (2, 4, 0), (3, 4, 0), (2, 3, 0), (3, 32, 0), (1, 4, 2), (2, 3, 1)):
+        hp, covered, total = doc_hp(TTT_DOC_BATCH=batch, TTT_DOC_PHASES=phases, TTT_LORA_HEAD=1), torch.zeros(len(v), dtype=torch.int64), 0
         scores = torch.zeros(len(v), dtype=torch.float64)
         for r in range(world):
             out = torch.full((len(v),), float("nan"), dtype=torch.float64)
@@ -248,11 +276,18 @@ def test_chunks_score_each_target_once_in_its_own_chunk(n, L, stride, C):
     ({"TTT_DOC_CHUNK": "0"}, "TTT_DOC_CHUNK=0 must be positive"),
     ({"TTT_LORA_RANK": "-2"}, "TTT_LORA_RANK=-2 must be positive"),
     ({"TTT_LORA_LR": "0"}, "TTT_LORA_LR=0.0 must be positive"),
-    ({"TTT_DOC_PHASES": "0"}, "TTT_DOC_PHASES=0 must be positive"),
+    ({"TTT_DOC_PHASES": "-1"}, "TTT_DOC_PHASES, TTT_LORA_WD and TTT_GRAD_CLIP must be non-negative"),
+    ({"TTT_LORA_WD": "-0.5"}, "TTT_DOC_PHASES, TTT_LORA_WD and TTT_GRAD_CLIP must be non-negative"),
+    ({"TTT_PREFIX_DOCS": "0"}, "TTT_PREFIX_DOCS=0 must be positive"),
+    ({"TTT_LORA_SCALE": "0"}, "TTT_LORA_SCALE=0.0 must be positive"),
+    ({"TTT_LORA_BETAS": "0.9"}, "TTT_LORA_BETAS='0.9' must be two numbers in [0, 1)"),
+    ({"TTT_LORA_BETAS": "0.9,1"}, "TTT_LORA_BETAS='0.9,1' must be two numbers in [0, 1)"),
+    ({"TTT_LORA_HEAD": "2"}, "TTT_LORA_HEAD=2 must be 0 or 1"),
+    ({"TTT": "doc", "MICRO_BATCHES": "3", "EVAL_ONLY": "1", "ARTIFACT": "x.ptz"}, "TTT needs MICRO_BATCHES=3 to be a multiple of the world size 2"),
 ])
 def test_bad_ttt_settings_are_refused_with_one_line(env, msg):
     with pytest.raises(T.UserError) as e:
-        T.check_hparams(T.parse_hparams(env), 1)
+        T.check_hparams(T.parse_hparams(env), 2 if "MICRO_BATCHES" in env else 1)
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
@@ -262,7 +297,7 @@ def test_ttt_one_rank_equals_two_gloo_ranks(smoke, tmp_path, protocol):
     the sliding line, with its timing and the full-split extrapolation."""
     from conftest import metric, run_script
     env = {"EVAL_ONLY": "1", "ARTIFACT": smoke["artifact"], "TTT": protocol.split("-")[0], "VAL_MAX_TOKENS": "4096",
-           "TTT_DOC_PHASES": "2" if protocol == "doc-phases" else "1",
+           "TTT_DOC_PHASES": "2" if protocol == "doc-phases" else "0", "TTT_PREFIX_DOCS": "8", "TTT_LORA_HEAD": "1",
            "TTT_CHUNK_TOKENS": "1024", "TTT_LR": "0.01", "EVAL_BATCH_SEQS": "8", "TTT_LORA_RANK": "8", "TTT_DOC_BATCH": "16"}
     scores = []
     for nproc, d in ((0, tmp_path / "one"), (2, tmp_path / "two")):
@@ -272,7 +307,7 @@ def test_ttt_one_rank_equals_two_gloo_ranks(smoke, tmp_path, protocol):
         assert f"protocol:{env['TTT']}" in log and "full_split_8gpu_estimate_s:" in log
         scores.append((metric(log, "final_ttt_exact"), metric(log, "final_ttt_exact", "val_loss"), metric(log, "final_sliding_exact")))
     (one, one_loss, slide), (two, two_loss, _) = scores
-    assert abs(one - two) < 1e-6 and abs(one_loss - two_loss) < 1e-6
+    assert one == two and one_loss == two_loss  # the SGD's gradients sum as a tree: bit-identical on 1 and 2 ranks
     assert one != slide
 
 
