@@ -565,6 +565,7 @@ def test_peer_and_output_folder_errors_are_one_line(tmp_path):
     assert "--peer-env needs --peer" in one_error_line(run_check("--cpu-dry-run", "--peer-env", "TTT_ENABLED=0"))
     assert "expected KEY=VALUE" in one_error_line(run_check("--cpu-dry-run", "--peer", "train_gpt.py", "--peer-env", "X"))
     assert "CHECKPOINT_EVERY=0" in one_error_line(run_check("--cpu-dry-run", "--env", "CHECKPOINT_EVERY=100"))
+    assert "--env: NUM_HEADS='four' is not a valid int" in one_error_line(run_check("--cpu-dry-run", "--env", "NUM_HEADS=four"))
     out = tmp_path / "out"
     out.mkdir()
     with open(out / "old.ckpt", "wb") as f:
@@ -577,3 +578,17 @@ def test_peer_and_output_folder_errors_are_one_line(tmp_path):
     assert G.large_files(out) == [out / "old.ckpt"]
     assert G.remove_large_files(out) == [dict(file="old.ckpt", bytes=G.LARGE_FILE_BYTES + 1)]
     assert not G.large_files(out) and (out / "sub" / "small.txt").exists()
+
+
+def test_docs_name_the_peer_variables_and_the_new_flags():
+    """The module docstring (--help's text) and tools/README.md describe --peer, --peer-env, --plan and --lease, and
+    the README's table names every variable a peer gets."""
+    for flag in ("--peer SCRIPT", "--peer-env", "--plan", "--lease", "peer_ratio tokens_per_s:X step_ms:Y compile_s:Z",
+                 "CHECKPOINT_EVERY=0", "TORCHINDUCTOR_CACHE_DIR", "16,000,000 bytes", "COMPILE_WARMUP_S"):
+        assert flag in " ".join(G.__doc__.split()), flag
+    readme = (ROOT / "tools" / "README.md").read_text()
+    section = readme.split("## `gpu_check.py`", 1)[1].split("\n## ", 1)[0]
+    for var, _ in G.PEER_ENV_DOC:
+        assert f"`{var}`" in section, var
+    for flag in ("--peer SCRIPT", "--peer-env", "--plan", "--lease", "peer_ratio", "removed_large_files"):
+        assert flag in section, flag

@@ -1083,7 +1083,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         for preset in presets:
             env, plan = preset_env(preset, args, data, dry, hp_defaults | T.PRESETS[preset], run_overrides)
-            runs[preset] = dict(env=env, plan=plan, hp=T.parse_hparams(env))
+            try:
+                runs[preset] = dict(env=env, plan=plan, hp=T.parse_hparams(env))
+            except T.UserError as e:
+                raise UserError(f"--env: {e}") from None
         the_plan = make_plan({k: plan_run(k, r["hp"], args.seconds, args.val_tokens_used) for k, r in runs.items()},
                              plan_peer(args.seconds) if peer else None, args.lease, args.max_total)
         shown = plan_lines(the_plan, peer.name if peer else None)
