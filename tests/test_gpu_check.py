@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, once
-from data.common import UserError
+from data.common import SHARD_HEADER_INTS, UserError
 
 SCRIPT = ROOT / "tools" / "gpu_check.py"
 spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
@@ -34,7 +35,7 @@ def is_finite(x):
 def dry(sample_data, tmp_path_factory):
     with once(tmp_path_factory, "gpu_check") as (out, first):
         if first:
-            p = run_check("--cpu-dry-run", "--out", str(out))
+            p = run_check("--cpu-dry-run", "--presets", "record,baseline", "--out", str(out))
             assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
             (out / "stdout.txt").write_text(p.stdout)
     return out, json.loads((out / "summary.json").read_text()), (out / "stdout.txt").read_text()
@@ -239,16 +240,21 @@ def test_bad_options_are_one_line(sample_data, tmp_path):
     assert "is not the tokenizer" in line
     h = run_check("--help")
     assert h.returncode == 0 and "--cpu-dry-run" in h.stdout and "--wheels" in h.stdout
+    for flag in ("--peer SCRIPT", "--peer-env KEY=VALUE", "--plan", "--lease SECONDS", "peer_ratio", "default record"):
+        assert flag in " ".join(h.stdout.split()), flag
 
 
 def test_failed_child_run_is_reported_with_its_last_lines(sample_data, tmp_path):
-    p = run_check("--cpu-dry-run", "--presets", "record", "--env", "NUM_HEADS=3", "--out", str(tmp_path))
+    p = run_check("--cpu-dry-run", "--presets", "record", "--env", "NUM_HEADS=3", "--peer", "train_gpt.py", "--out", str(tmp_path))
     assert p.returncode == 1
     assert "record run failed (exit status 1): error: MODEL_DIM=128 is not divisible by NUM_HEADS=3" in p.stdout
     assert "last lines of" in p.stdout
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["ok"] is False and s["runs"]["record"]["ok"] is False and s["checks"]["record.completed"] is False
     assert any("record run failed" in f for f in s["failures"])
+    # no run of ours to compare with: the peer is not started (lease time)
+    assert s["peer"]["skipped"] == "no run of ours succeeded, nothing to compare with" and not (tmp_path / "peer.console.txt").exists()
+    assert "peer train_gpt.py: skipped (no run of ours succeeded" in p.stdout
 
 
 def test_wheels_are_installed_for_the_children(tmp_path):
@@ -302,3 +308,287 @@ def test_gpu_mode_flow_with_the_cuda_probe_faked(sample_data, tmp_path, monkeypa
     assert c["record.full_size_record_config"] is False and c["record.no_recompile_during_training"] is True
     assert is_finite(s["extrapolation"]["record"]["steps_in_600s_8gpu_upper_bound"])
     assert "NOT OK" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- --peer: another training script on the same card
+@pytest.fixture(scope="module")
+def peer_dry(sample_data, tmp_path_factory):
+    """Exactly `--cpu-dry-run --peer train_gpt.py`: our record preset, then our own script as the peer (SMOKE size)."""
+    with once(tmp_path_factory, "gpu_check_peer") as (out, first):
+        if first:
+            p = run_check("--cpu-dry-run", "--peer", "train_gpt.py", "--out", str(out))
+            assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+            (out / "stdout.txt").write_text(p.stdout)
+    return out, json.loads((out / "summary.json").read_text()), (out / "stdout.txt").read_text()
+
+
+def test_dry_run_with_our_script_as_the_peer(peer_dry):
+    out, s, stdout = peer_dry
+    assert s["ok"] is True and not s["failures"] and list(s["runs"]) == ["record"]  # one preset by default
+    ratio_lines = [l for l in stdout.splitlines() if l.startswith("peer_ratio ")]
+    assert len(ratio_lines) == 1, ratio_lines
+    import re
+    m = re.fullmatch(r"peer_ratio tokens_per_s:(\S+) step_ms:(\S+) compile_s:(\S+)", ratio_lines[0])
+    assert m and all(is_finite(float(x)) and float(x) > 0 for x in m.groups()), ratio_lines[0]
+    pr = s["peer"]
+    assert pr["ok"] and pr["exit_code"] == 0 and not pr["timed_out"] and pr["script_name"] == "train_gpt.py"
+    assert pr["standin"] and pr["standin_imported"] and "SDPA through the flash_attn_interface stand-in" in pr["attention"]
+    assert pr["ours"]["attention"] == "sdpa" and s["settings"]["attention_set_for_peer"] == "sdpa"
+    # same shards, global batch, sequence length and wall-clock, stated by the peer's own log
+    assert list(pr["env"]) == [k for k, _ in G.PEER_ENV_DOC]
+    assert pr["env"]["TRAIN_BATCH_TOKENS"] == "1024" and pr["env"]["TRAIN_SEQ_LEN"] == "128"
+    assert pr["env"]["MAX_WALLCLOCK_SECONDS"] == "60.0" and pr["env"]["CHECKPOINT_EVERY"] == "0"
+    assert pr["same_global_batch"] is True and pr["same_seq_len"] is True
+    assert pr["data"] == dict(train_shards=3, val_tokens=4096)
+    a, b = pr["ours"], pr["peer"]
+    for t in (a, b):
+        assert t["steps"] == 16 and is_finite(t["step_ms"]) and is_finite(t["tokens_per_s"]) and is_finite(t["compile_s"])
+        assert t["tokens_per_s"] == round(1024 / t["step_ms"] * 1000, 1) and t["source"] == "train_done"
+        assert t["roundtrip"]["name"] == "final_roundtrip_exact" and is_finite(t["roundtrip"]["val_bpb"])
+    assert a["step_ms"] == s["runs"]["record"]["train"]["step_ms"]
+    for k in ("tokens_per_s", "step_ms", "compile_s"):
+        assert pr["ratio"][k] == round(a[k] / b[k], 3)
+    assert f"step_ms:{pr['ratio']['step_ms']}" in ratio_lines[0]
+    # the same script on the same shards, batch and validation prefix trains and scores the same model
+    assert abs(a["roundtrip"]["val_bpb"] - b["roundtrip"]["val_bpb"]) < 1e-6
+    assert any(l.startswith("peer ours=record: step_ms:") and "roundtrip_bpb:" in l for l in stdout.splitlines())
+    assert any(l.startswith("peer train_gpt.py: step_ms:") and "roundtrip_bpb:" in l for l in stdout.splitlines())
+    # the plan, lease hygiene and the output folder
+    assert set(s["plan"]["runs"]) == {"record", "peer"} and s["plan"]["fits_lease"]
+    assert s["plan"]["runs"]["record"]["phases"]["compile_warmup"] == 105.0
+    assert s["plan"]["runs"]["peer"]["phases"]["compile_warmup"] == G.PEER_COMPILE_WARMUP_S
+    assert "checkpoint_every:0" in (out / "record.txt").read_text() and "checkpoint_every:0" in (out / "peer.txt").read_text()
+    assert (out / "peer.console.txt").exists() and s["removed_large_files"] == []
+    assert not G.large_files(out) and not list(out.glob("*.ptz")) and not list(out.glob("*.ckpt"))
+    assert "plan: predicted seconds on one H200" in (out / "gpu_check.txt").read_text()
+
+
+FAKE_PEER = '''
+import json, os, sys, time
+import torch
+from flash_attn_interface import flash_attn_func
+q, kv = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
+assert flash_attn_func(q, kv, kv, causal=True).shape == q.shape
+data = os.environ["DATA_PATH"]
+json.dump(dict(env=dict(os.environ), files=sorted(os.listdir(data)), cwd=os.getcwd(),
+               val_bytes=os.path.getsize(os.path.join(data, "fineweb_val_000000.bin")),
+               tok=os.path.isfile(os.path.join(os.environ["DATA_DIR"], "tokenizers", "fineweb_1024_bpe.model"))),
+          open(os.environ["DUMP"], "w"))
+with open(os.environ["BIG"], "wb") as f:  # as a checkpoint would: a file over 16 MB in the output folder
+    f.truncate(17_000_000)
+if os.environ.get("CRASH"):
+    raise ValueError("boom")
+print("model_params:1000", flush=True)
+time.sleep(0.5)
+batch = int(os.environ["TRAIN_BATCH_TOKENS"])
+for step in range(1, 6):  # a 2026-era record's step lines: train_time in minutes, tok/s a running average
+    print(f"{step}/20000 train_loss: 5.0 train_time: 0.0m tok/s: {batch * 10}", flush=True)
+print("stopping_early: wallclock_cap train_time: 500ms step: 5/20000")
+print("DIAGNOSTIC post_ema val_loss:2.0 val_bpb:1.9 eval_time:1ms")
+print("diagnostic quantized val_loss:2.1 val_bpb:1.5 eval_time:10ms")
+'''
+
+
+def test_a_public_style_peer_gets_our_data_and_kernel_and_is_parsed(sample_data, tmp_path):
+    """A stand-in for a public record script: it prints the 2026 records' step lines, calls flash_attn_func (the
+    stand-in) and writes a 17 MB file into the output folder, which the check removes."""
+    script, out = tmp_path / "train_gpt.py", tmp_path / "out"
+    script.write_text(FAKE_PEER)
+    dump = tmp_path / "env.json"
+    p = run_check("--cpu-dry-run", "--presets", "baseline", "--env", "ITERATIONS=2", "--val-tokens", "2048",
+                  "--peer", str(script), "--peer-env", f"DUMP={dump}", "--peer-env", f"BIG={out / 'big.bin'}",
+                  "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    pr = s["peer"]
+    b = pr["peer"]
+    assert pr["ok"] and pr["standin_imported"] and b["source"] == "train_done" and b["steps"] == 5
+    assert b["step_ms"] == 100.0 and b["tokens_per_s"] == 10240.0 and 0.4 <= b["compile_s"] < 5
+    assert b["roundtrip"] == dict(name="diagnostic quantized", val_bpb=1.5, val_loss=2.1)  # not the post_ema line
+    assert pr["same_global_batch"] is None  # the fake does not state its batch
+    assert pr["ratio"]["step_ms"] == round(pr["ours"]["step_ms"] / 100.0, 3)
+    assert "peer_ratio tokens_per_s:" in p.stdout
+    d = json.loads(dump.read_text())
+    env = d["env"]
+    assert d["files"] == ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin",
+                          "fineweb_val_000000.bin"] and d["tok"]
+    assert d["val_bytes"] == 4 * SHARD_HEADER_INTS + 2 * 2048  # header + the 2,048-token prefix our run scores
+    assert env["TRAIN_BATCH_TOKENS"] == "1024" and env["TRAIN_SEQ_LEN"] == "128"  # our baseline run's, SMOKE-sized
+    assert env["CHECKPOINT_EVERY"] == "0" and env["VAL_LOSS_EVERY"] == "0" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["PYTHONPATH"].split(os.pathsep)[0].endswith("fa3_standin") and Path(d["cwd"]).name == "peer_run"
+    cache = Path(env["TORCHINDUCTOR_CACHE_DIR"])
+    assert cache.parent == Path(d["cwd"]).parent and out not in cache.parents  # one per call, beside the peer's folder
+    assert not cache.parent.exists()  # the call's temporary folder is gone
+    assert s["removed_large_files"] == [dict(file="big.bin", bytes=17_000_000)] and not (out / "big.bin").exists()
+    assert "removed " in p.stdout and not G.large_files(out)
+
+
+FIXTURES = ROOT / "tests" / "fixtures" / "logs"
+
+
+@pytest.mark.parametrize("name, step_ms, source, batch, seq, roundtrip", [
+    ("era1_int8_roundtrip", 600060 / 13770, "train_done", 524288, 1024, ("final_int8_zlib_roundtrip_exact", 1.224)),
+    ("era2_sliding_window", 600010 / 8795, "train_done", 786432, 2048, ("final_int6_roundtrip_exact", 1.173)),
+    ("era3_legal_ttt", 600090 / 6975, "train_done", 786432, 2048, ("quantized", 1.1437)),
+    ("era4_phased_ttt", 599020 / 4925, "train_done", 1000, 2048, ("diagnostic quantized", 1.073)),
+    ("era5_terse_binary", 150.0, "step_avg", 524288, 1024, ("final_binary_roundtrip", 1.165)),
+])
+def test_peer_timing_reads_every_public_log_era(name, step_ms, source, batch, seq, roundtrip):
+    """run_timing on the public record eras' log shapes (tests/fixtures/logs): ms/step, tokens/s from the batch the
+    log states (else the one we passed: 1000 here), and the quantized model's round-trip score."""
+    lines = [(float(i), l) for i, l in enumerate((FIXTURES / f"{name}.log").read_text().splitlines())]
+    t = G.run_timing(lines, 1000)
+    assert t["source"] == source and t["step_ms"] == round(step_ms, 3)
+    assert t["batch_tokens"] == batch and t["tokens_per_s"] == round(batch / t["step_ms"] * 1000, 1)
+    assert t["logged"].get("train_seq_len") == seq
+    assert (t["roundtrip"]["name"], t["roundtrip"]["val_bpb"]) == roundtrip
+    assert t["metric"] is not None and t["compile_s"] is not None
+
+
+def test_peer_timing_compile_seconds_and_step_time_by_line_shape():
+    """compile_s = arrival of the first step line - the training time it reports - arrival of model_params; a line
+    with tok/s gives both its elapsed training time and the step time (`train_time: 0.0m` is too coarse)."""
+    a = [(0.0, "python:3.12 torch:2.9"), (2.0, "model_params:26993756"), (7.0, "warmup_step:20/20"),
+         (12.0, "step:1/20000 train_loss:6.9318 train_time:500ms step_avg:500.00ms"),
+         (16.5, "step:10/20000 train_loss:6.0739 train_time:5000ms step_avg:500.00ms")]
+    t = G.run_timing(a, 786432)
+    assert t["compile_s"] == 9.5 and t["step_ms"] == 500.0 and t["source"] == "step_avg" and t["roundtrip"] is None
+    b = [(1.0, "model_params:35945671"), (30.0, "1/20000 train_loss: 9.0087 train_time: 0.0m tok/s: 786432"),
+         (31.0, "2/20000 train_loss: 8.0 train_time: 0.0m tok/s: 393216"),
+         (40.0, "DIAGNOSTIC post_ema val_loss:1.9235 val_bpb:1.1392 eval_time:1959ms")]
+    t = G.run_timing(b, 786432)
+    assert t["compile_s"] == 28.0 and t["step_ms"] == 2000.0 and t["source"] == "tok/s" and t["tokens_per_s"] == 393216.0
+    assert t["roundtrip"] is None and t["compile_from"] == "model_params"  # a post-EMA score is not the round trip
+    t = G.run_timing([(3.0, "5/100 train_loss: 4.0 train_time: 0.1m")], None)  # no model_params, no tok/s, no batch
+    assert t["step_ms"] == 1200.0 and t["tokens_per_s"] is None and t["compile_s"] == 0.0 and t["compile_from"] == "process start"
+    assert G.run_timing([(1.0, "Traceback (most recent call last):")], 1024)["step_ms"] is None
+
+
+def test_fa3_standin_matches_attention_and_the_varlen_form(tmp_path):
+    """The flash_attn_interface stand-in: FlashAttention's (batch, seq, heads, dim) layout, GQA, causal and windows
+    (bottom-right aligned when there are more keys), and the varlen form equal to one call per sequence, gradients
+    included; unsupported options refused."""
+    import torch
+    G.write_standin(tmp_path)
+    spec = importlib.util.spec_from_file_location("flash_attn_interface", tmp_path / "flash_attn_interface.py")
+    fa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa)
+
+    def reference(q, k, v, causal, window=(-1, -1)):
+        tq, tk, r = q.size(1), k.size(1), q.size(2) // k.size(2)
+        k, v = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.size(-1) ** 0.5
+        d = (torch.arange(tq)[:, None] + tk - tq) - torch.arange(tk)[None, :]
+        ok = torch.ones_like(d, dtype=torch.bool)
+        ok &= (d >= 0) if causal else (d >= -window[1]) if window[1] >= 0 else ok
+        ok &= (d <= window[0]) if window[0] >= 0 else ok
+        return torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~ok, float("-inf")).softmax(-1), v)
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 7, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    for causal in (True, False):
+        for window in ((-1, -1), (2, -1), (2, 1)):
+            out = fa.flash_attn_func(q, k, v, causal=causal, window_size=window)
+            assert out.shape == q.shape and out.is_contiguous()
+            assert torch.allclose(out, reference(q, k, v, causal, window), atol=1e-12), (causal, window)
+    k9, v9 = (torch.randn(2, 9, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    assert torch.allclose(fa.flash_attn_func(q, k9, v9, causal=True), reference(q, k9, v9, True), atol=1e-12)
+    lens = [5, 9, 2, 3]
+    cu = torch.tensor([0, 5, 14, 16, 19], dtype=torch.int32)
+    qs = torch.randn(19, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ks, vs = (torch.randn(19, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (2, 0))):
+        out = fa.flash_attn_varlen_func(qs, ks, vs, cu, cu, max(lens), max(lens), causal=causal, window_size=window)
+        want = torch.cat([fa.flash_attn_func(qs[a:b][None], ks[a:b][None], vs[a:b][None], causal=causal,
+                                             window_size=window)[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+        assert torch.allclose(out, want, atol=1e-12), (causal, window)
+        w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        got, ref = (torch.autograd.grad((x * w).sum(), (qs, ks, vs)) for x in (out, want))
+        assert all(torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-12) for a, b in zip(got, ref))
+    for bad in (dict(softcap=30.0), dict(return_attn_probs=True), dict(attention_chunk=128)):
+        with pytest.raises(NotImplementedError, match="stand-in"):
+            fa.flash_attn_func(q, k, v, causal=True, **bad)
+    fa.flash_attn_func(q, k, v, causal=True, deterministic=True, num_splits=1, qv=None)  # harmless options pass
+
+
+def test_peer_that_crashes_is_reported_with_its_last_lines(tmp_path):
+    """run_peer on a script that fails before training: exit status, its last line, no ratio."""
+    script = tmp_path / "crash.py"
+    script.write_text("print('model_params:1')\nraise ValueError('boom: the peer needs a package this image lacks')\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    args = type("A", (), dict(seconds=60.0, max_total=600.0, val_tokens_used=4096))()
+    hp = dict(VOCAB_SIZE=1024, TRAIN_BATCH_TOKENS=1024, MICRO_BATCHES=2, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=0, TRAIN_LOG_EVERY=2)
+    view = dict(root="/d", dataset="/d/ds", tokenizer="/t.model", train_shards=1, val_tokens=4096)
+    ours = [(1.0, "model_params:5"), (3.0, "step:1/16 train_loss:6.9 train_time:500ms step_avg:500.00ms"),
+            (9.0, "train_done steps:16 train_time:8000ms step_avg:500.00ms")]
+    import time
+    pr = G.run_peer(script, args, True, "record", hp, dict(attention="sdpa"), ours, view, None,
+                    G.child_base_env(None, True, set()), {}, work, out, time.monotonic() + 60)
+    assert pr["ok"] is False and pr["exit_code"] == 1 and pr["peer"]["step_ms"] is None
+    assert pr["ours"]["step_ms"] == 500.0 and pr["ours"]["compile_s"] == 1.5 and pr["ratio"]["step_ms"] is None
+    assert pr["failures"] == ["peer run failed (exit status 1): ValueError: boom: the peer needs a package this image lacks"]
+    assert pr["attention"].startswith("FlashAttention 3") and pr["env"]["EVAL_SEQ_LEN"] == "128"
+    assert (out / "peer.console.txt").exists()
+    assert "peer_ratio tokens_per_s:- step_ms:- compile_s:-" in G.peer_lines(pr)
+
+
+# ---------------------------------------------------------------- --plan, --lease, and the output folder
+def test_plan_prints_each_phase_and_refuses_what_exceeds_the_lease(sample_data, tmp_path):
+    out = tmp_path / "never"
+    p = run_check("--plan", "--out", str(out))  # the GPU plan, on a machine without one: nothing runs
+    assert p.returncode == 0, p.stderr
+    assert "record: start 15 + compile+warm-up 105 + training 60 + calibration 10 + export 30 + evaluations" in p.stdout
+    assert "total " in p.stdout and "--lease 780 s: fits" in p.stdout and not out.exists()
+    p = run_check("--plan", "--presets", "frontier", "--peer", "train_gpt.py", "--seconds", "30", "--out", str(out))
+    assert p.returncode == 0 and "frontier: start 15 + compile+warm-up 188 + training 30" in p.stdout
+    assert "peer (train_gpt.py): start 15 + compile+warm-up 188 + training 30 + export+evaluations 120" in p.stdout
+    line = one_error_line(run_check("--plan", "--presets", "record,baseline,frontier", "--peer", "train_gpt.py"))
+    assert "the plan needs" in line and "but --lease is 780 s" in line and "peer 383 s" in line
+    assert run_check("--plan", "--presets", "record,baseline,frontier", "--lease", "2000").returncode == 0
+    # a real (dry) run is refused the same way, before anything runs
+    line = one_error_line(run_check("--cpu-dry-run", "--lease", "100", "--out", str(out)))
+    assert "--lease is 100 s" in line and not out.exists()
+    hp = __import__("train_gpt").parse_hparams({"PRESET": "baseline"})
+    ph = G.plan_run("baseline", hp, 60.0, 524288)
+    assert ph["compile_warmup"] == G.COMPILE_WARMUP_S["record"] and ph["calibration"] == G.PHASE_S["calibration_rtn"]
+    assert ph["evaluations"] == round(G.PHASE_S["eval_fixed"] + 2 * 524288 / G.EVAL_TOKENS_PER_S["standard"], 1)  # no sliding
+    plan = G.make_plan({"baseline": ph}, G.plan_peer(60.0), 780.0, 570.0)
+    assert plan["total_s"] == round(sum(ph.values()) + sum(G.plan_peer(60.0).values()), 1)
+
+
+def test_peer_and_output_folder_errors_are_one_line(tmp_path):
+    assert "--peer nope.py: no such file" in one_error_line(run_check("--cpu-dry-run", "--peer", "nope.py"))
+    assert "not a file" in one_error_line(run_check("--cpu-dry-run", "--peer", str(tmp_path)))
+    assert "--peer-env needs --peer" in one_error_line(run_check("--cpu-dry-run", "--peer-env", "TTT_ENABLED=0"))
+    assert "expected KEY=VALUE" in one_error_line(run_check("--cpu-dry-run", "--peer", "train_gpt.py", "--peer-env", "X"))
+    assert "CHECKPOINT_EVERY=0" in one_error_line(run_check("--cpu-dry-run", "--env", "CHECKPOINT_EVERY=100"))
+    assert "--env: NUM_HEADS='four' is not a valid int" in one_error_line(run_check("--cpu-dry-run", "--env", "NUM_HEADS=four"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "old.ckpt", "wb") as f:
+        f.truncate(G.LARGE_FILE_BYTES + 1)
+    line = one_error_line(run_check("--cpu-dry-run", "--out", str(out)))
+    assert "old.ckpt" in line and "over 16,000,000 bytes" in line and (out / "old.ckpt").exists()  # refused, not deleted
+    (out / "sub").mkdir()
+    (out / "sub" / "small.txt").write_text("x")
+    (out / "sub" / "link").symlink_to(out / "old.ckpt")
+    assert G.large_files(out) == [out / "old.ckpt"]
+    assert G.remove_large_files(out) == [dict(file="old.ckpt", bytes=G.LARGE_FILE_BYTES + 1)]
+    assert not G.large_files(out) and (out / "sub" / "small.txt").exists()
+
+
+def test_docs_name_the_peer_variables_and_the_new_flags():
+    """The module docstring (--help's text) and tools/README.md describe --peer, --peer-env, --plan and --lease, and
+    the README's table names every variable a peer gets."""
+    for flag in ("--peer SCRIPT", "--peer-env", "--plan", "--lease", "peer_ratio tokens_per_s:X step_ms:Y compile_s:Z",
+                 "CHECKPOINT_EVERY=0", "TORCHINDUCTOR_CACHE_DIR", "16,000,000 bytes", "COMPILE_WARMUP_S"):
+        assert flag in " ".join(G.__doc__.split()), flag
+    readme = (ROOT / "tools" / "README.md").read_text()
+    section = readme.split("## `gpu_check.py`", 1)[1].split("\n## ", 1)[0]
+    for var, _ in G.PEER_ENV_DOC:
+        assert f"`{var}`" in section, var
+    for flag in ("--peer SCRIPT", "--peer-env", "--plan", "--lease", "peer_ratio", "removed_large_files"):
+        assert flag in section, flag

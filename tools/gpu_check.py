@@ -1,21 +1,44 @@
 #!/usr/bin/env python3
-"""GPU check: time the record recipe (and the plain baseline) on one GPU and extrapolate to 8 GPUs.
+"""GPU check: time the record recipe (or another preset) on one GPU, extrapolate to 8 GPUs, and compare with a peer.
 
-Runs train_gpt.py as a child process once per preset, on one GPU, for a fixed short wall-clock, with the full
-global batch (MICRO_BATCHES accumulation steps), compiled, bf16 - exactly the default record configuration except:
+Runs train_gpt.py as a child process once per preset (--presets, default record: one preset per call), on one GPU,
+for a fixed short wall-clock, with the full global batch (MICRO_BATCHES accumulation steps), compiled, bf16 - exactly
+the default record configuration except:
   MAX_WALLCLOCK_SECONDS=--seconds; when late QAT is on (QAT_THRESHOLD > 0, e.g. --env QAT_THRESHOLD=0.15; the
   default GPTQ recipe has it off), WARMDOWN_ITERS sized so it switches on for about the last 30 % of the run (so the
-  compiled fake-quantization path really runs on CUDA); VAL_MAX_TOKENS=--val-tokens;
+  compiled fake-quantization path really runs on CUDA); VAL_MAX_TOKENS=--val-tokens (a short validation prefix);
   SIZE_LIMIT_BYTES=--size-limit (a one-minute model is far from trained: at initialization the record model's
   artifact is 18.7 MB and still 16.25 MB with every int6 matrix moved to int5, so under 16,000,000 the exporter
   would stop the run before the evaluations; the summary still says whether it fits 16,000,000);
-  TRAIN_LOG_EVERY so about 20 step lines arrive; TORCH_LOGS=recompiles,graph_breaks.
+  TRAIN_LOG_EVERY so about 20 step lines arrive; TORCH_LOGS=recompiles,graph_breaks; CHECKPOINT_EVERY=0 always;
+  one TORCHINDUCTOR_CACHE_DIR for every run of the call, in its temporary folder (deleted at the end).
 Then it reads the logs and writes DIR/summary.json: ms/step, tokens/s, peak memory, attention backend, compile,
 when late QAT switched on (and whether the switch made Dynamo recompile), step time before/after it, GPTQ's
 calibration (batches, seconds, inside the cap or not) and quantization seconds, the size lines,
 pre-quant / round-trip / sliding (and, with --env TTT=chunk|doc, TTT) results with each phase's seconds and
-tokens/s, and an extrapolation to 8 GPUs in 600 s. DIR also gets each run's log (PRESET.txt), its console output (PRESET.console.txt) and this script's output
-(gpu_check.txt); artifacts go to a temporary folder and are deleted.
+tokens/s, and an extrapolation to 8 GPUs in 600 s. DIR also gets each run's log (PRESET.txt), its console output
+(PRESET.console.txt) and this script's output (gpu_check.txt); artifacts go to a temporary folder and are deleted.
+Nothing over 16,000,000 bytes stays in DIR: a DIR that already holds such a file is refused, and one a run leaves
+there (a checkpoint written when a run is stopped) is deleted and listed under "removed_large_files".
+
+--peer SCRIPT: after our runs, runs SCRIPT (e.g. a public record's train_gpt.py) as a child on the same card, the same
+shards (a temporary folder laid out as public scripts expect: our training shards linked as fineweb_train_*.bin, the
+validation prefix we score as fineweb_val_000000.bin, the tokenizer as tokenizers/fineweb_<V>_bpe.model), and our
+first preset's global batch, sequence length and wall-clock, through the variables PEER_ENV_DOC lists (DATA_PATH,
+DATASETS_DIR, DATA_DIR, TOKENIZER_PATH, TRAIN_BATCH_TOKENS, TRAIN_SEQ_LEN, MAX_WALLCLOCK_SECONDS, ...; --peer-env
+KEY=VALUE adds more), in its own temporary working folder. Same attention kernel: where FlashAttention 3
+(flash_attn_interface) is not importable (and always in a dry run), a stand-in flash_attn_interface on torch SDPA goes
+on the peer's PYTHONPATH only, and our runs get ATTN=sdpa; the summary says so. From both consoles (any log shape
+tools/logparse.py reads) it takes ms/step, tokens/s, compile + warm-up seconds (model built to the first training
+step) and the round-trip score if the run got there, prints both and one line
+`peer_ratio tokens_per_s:X step_ms:Y compile_s:Z` (ours / peer), and writes them under "peer" in summary.json (the
+peer's console is DIR/peer.console.txt, its log DIR/peer.txt). The peer is skipped when no run of ours succeeded, and
+stopped at --max-total.
+
+Plan: before running it prints the predicted wall time of each phase (start, compile + warm-up per preset, training,
+calibration, export, evaluations; the peer) on one H200 and the total, from the constants COMPILE_WARMUP_S (measured:
+105 s for the record preset, 188 s for frontier), PHASE_S and EVAL_TOKENS_PER_S, and refuses (exit 2) when the total
+exceeds --lease (default: a 15-minute device lease less a 120 s margin). --plan prints the plan and stops.
 
 Data (the summary's "data" says which): --data DIR (+ --tokenizer MODEL, else the manifest's or DIR's *.model) for
 shards built by data/prepare_text.py or the FineWeb download; else data/datasets/fineweb10B_sp1024 if present; else
@@ -24,11 +47,14 @@ synthetic tokens are ever used). Values: "fineweb" | "corpus" | "stdlib-sample".
 
 Needs only the GPU machine's image (torch, numpy, sentencepiece, tqdm) plus zstandard and brotli, which some images
 lack: carry their wheels and pass --wheels DIR (installed into a temporary folder that goes on the children's PYTHONPATH).
---cpu-dry-run runs the same logic on the CPU at SMOKE size in well under a minute (the test suite does this).
+--cpu-dry-run runs the same logic on the CPU at SMOKE size in well under a minute (the test suite does this, also with
+--peer train_gpt.py: our own script as the peer).
 
+  python3 tools/gpu_check.py --plan --peer records/track_10min_16mb/<folder>/train_gpt.py --seconds 45
   python3 tools/gpu_check.py --wheels .whl --data data/datasets/corpus_sp1024 --tokenizer data/tokenizers/fineweb_1024_bpe.model
-  python3 tools/gpu_check.py --cpu-dry-run --out /tmp/gpu_check
-Exit status: 0 all checks passed, 1 a run failed or a check failed, 2 setup error (one line on stderr).
+  python3 tools/gpu_check.py --cpu-dry-run --peer train_gpt.py --out /tmp/gpu_check
+Exit status: 0 all checks passed, 1 a run (ours or the peer) or a check failed, 2 setup error or a plan over --lease
+(one line on stderr).
 """
 from __future__ import annotations
 
@@ -38,6 +64,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -51,8 +78,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data.common import (LIMIT_BYTES, LIMIT_SECONDS, UserError, cli, load_data_shard, read_shard_header,  # noqa: E402
-                         write_atomic)
-from tools.logparse import Log, run_log, value  # noqa: E402  (the one log parser of the tools)
+                         write_atomic, write_shard)
+from tools.logparse import Log, num, run_log, tokens, value  # noqa: E402  (the one log parser of the tools)
 
 FINEWEB_VAL_TOKENS = 62_021_846  # tokens in the published FineWeb validation split
 COMPETITION_LIMIT = LIMIT_BYTES
@@ -77,6 +104,153 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK
 OUT_FILES = ("summary.json", "gpu_check.txt")
 TORCH_LOG_TAGS = ("[__recompiles", "[__graph_breaks")
 RECOMPILE, GRAPH_BREAK = "Recompiling function", "Graph break in user code"
+LARGE_FILE_BYTES = COMPETITION_LIMIT  # nothing larger stays in --out (a checkpoint written on SIGTERM would)
+
+# ----------------------------------------------------------------------------- the plan (--plan, --lease)
+# Predicted wall time of each phase on one H200, in seconds: the one place these numbers live (--plan prints them, the
+# --lease check adds them up, and the run loop uses them to decide whether a run still fits --max-total).
+# Measured on one H200 (torch.compile from an empty inductor cache + WARMUP_STEPS=20, full-size model, 8 micro-batches):
+COMPILE_WARMUP_S = {"record": 105.0, "frontier": 188.0}
+# Assumed, not measured: the baseline (a smaller model) compiles no slower than the record; a --peer script (a public
+# record of the frontier's era or later) as slowly as the frontier preset, the slower of the two measured.
+COMPILE_WARMUP_S["baseline"] = COMPILE_WARMUP_S["record"]
+PEER_COMPILE_WARMUP_S = COMPILE_WARMUP_S["frontier"]
+# Estimates, rounded up (refine them from a summary.json's phases_s):
+PHASE_S = dict(
+    start=15.0,  # process start to model_params: Python, torch and CUDA initialization, shards, tokenizer
+    calibration=10.0,  # after training: GPTQ (its Hessians are collected inside the training cap) and quantization
+    calibration_rtn=2.0,  # after training, QUANT_METHOD=rtn (the baseline): round-to-nearest quantization only
+    export=30.0,  # budget fit, compression, writing and reading back the artifact
+    eval_fixed=45.0,  # evaluations: model load and compiling the evaluation graphs, before any token is scored
+    peer_after_training=120.0,  # a peer's export and evaluations (the peer is stopped at --max-total regardless)
+)
+# tokens per second of one H100-class GPU: sliding = the public record's 62,021,846-token sliding eval (stride 64) in
+# 73 s on 8 H100s (106k per GPU); standard (pre-quant and round trip) and TTT are guesses
+EVAL_TOKENS_PER_S = dict(standard=1_000_000.0, sliding=100_000.0, ttt=25_000.0)
+LEASE_S, LEASE_MARGIN_S = 15 * 60.0, 120.0  # a device lease, and what the machine's start and the transfers take of it
+DRY_PEER_NEED_S = 10.0  # dry run: the least time left on --max-total to start the peer
+
+# ----------------------------------------------------------------------------- the peer (--peer SCRIPT)
+PEER = "peer"  # its RUN_ID and the name of its files in --out (peer.console.txt, peer.txt)
+# What a --peer script gets, and why: public record scripts read their data by DATA_PATH (or DATA_DIR, DATASETS_DIR)
+# and TOKENIZER_PATH and the rest by the same names as train_gpt.py. "ours" = our first preset's resolved setting.
+PEER_ENV_DOC = (
+    ("DATA_PATH", "the peer's data folder: our training shards linked as fineweb_train_*.bin, the validation split cut "
+                  "to the prefix we score (--val-tokens) as fineweb_val_000000.bin"),
+    ("DATASETS_DIR", "the same folder"),
+    ("DATA_DIR", "its root, laid out as datasets/fineweb10B_sp<V>/ and tokenizers/fineweb_<V>_bpe.model"),
+    ("TOKENIZER_PATH", "our tokenizer"),
+    ("VOCAB_SIZE", "ours"),
+    ("TRAIN_BATCH_TOKENS", "ours: the same global batch"),
+    ("MICRO_BATCHES", "ours (this project's name; public records use 8 micro-batches on one GPU)"),
+    ("TRAIN_SEQ_LEN", "ours: the same sequence length"),
+    ("EVAL_SEQ_LEN", "ours"),
+    ("MAX_WALLCLOCK_SECONDS", "ours: the same wall-clock (--seconds)"),
+    ("VAL_MAX_TOKENS", "ours (scripts that read it; others see the cut validation shard)"),
+    ("TRAIN_LOG_EVERY", "ours"),
+    ("VAL_LOSS_EVERY", "0: no validation pass before or during training"),
+    ("CHECKPOINT_EVERY", "0"),
+    ("RUN_ID", PEER),
+    ("LOG_DIR", "the peer's temporary working folder (also its cwd: logs/, final_model.* land there)"),
+    ("ARTIFACT_DIR", "the same folder"),
+)
+STANDIN_MARKER = "flash_attn_interface: SDPA stand-in from tools/gpu_check.py"
+# Written as flash_attn_interface.py into a temporary folder that goes first on the PEER's PYTHONPATH (never ours)
+# when FlashAttention 3 is not importable (or in a dry run): the peer then runs torch SDPA, like our ATTN=sdpa run.
+FA3_STANDIN = '''"""flash_attn_interface stand-in written by tools/gpu_check.py for a --peer script when FlashAttention 3 is not
+installed: flash_attn_func and flash_attn_varlen_func on torch's scaled_dot_product_attention (SDPA). FlashAttention's
+layouts: (batch, seq, heads, dim), or (tokens, heads, dim) with cu_seqlens; grouped-query attention when k and v have
+fewer heads (query head h reads key head h // (heads / kv_heads)); the output tensor is returned alone."""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+print("@MARKER@ (FlashAttention 3 is not installed)", file=sys.stderr, flush=True)
+_HARMLESS = ("deterministic", "num_splits", "pack_gqa", "sm_margin", "scheduler_metadata")
+
+
+def _check(kwargs, softcap, return_attn_probs):
+    bad = [k for k, v in kwargs.items() if k not in _HARMLESS and not (v is None or v is False or
+                                                                       (isinstance(v, (int, float)) and v == 0))]
+    if softcap:
+        bad.append("softcap")
+    if return_attn_probs:
+        bad.append("return_attn_probs")
+    if bad:
+        raise NotImplementedError(f"flash_attn_interface stand-in (SDPA): {', '.join(bad)} not supported")
+
+
+def _allowed(q_pos, k_pos, causal, window):
+    """Which keys each query may read: d = query position - key position; causal d >= 0; window (left, right) with
+    -1 = unbounded: -right <= d <= left."""
+    left, right = window
+    d = q_pos[..., :, None] - k_pos[..., None, :]
+    ok = torch.ones_like(d, dtype=torch.bool)
+    if causal:
+        ok &= d >= 0
+    elif right >= 0:
+        ok &= d >= -right
+    if left >= 0:
+        ok &= d <= left
+    return ok
+
+
+def _sdpa(q, k, v, mask, causal, scale):
+    """q, k, v as (batch, heads, seq, dim); mask None (causal or not) or bool, broadcast to (batch, heads, q, k)."""
+    if q.size(1) % k.size(1):
+        raise ValueError(f"flash_attn_interface stand-in: {q.size(1)} query heads, {k.size(1)} key heads")
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.size(1) != k.size(1))
+    if q.size(1) != k.size(1):  # with a mask: the key/value heads repeated, so the memory-efficient kernel can run
+        r = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    return_attn_probs=False, **kwargs):
+    _check(kwargs, softcap, return_attn_probs)
+    window = (-1, -1) if window_size is None else tuple(int(x) for x in window_size)
+    tq, tk = q.size(1), k.size(1)
+    mask = None
+    if window[0] >= 0 or (not causal and window[1] >= 0) or (causal and tq != tk):
+        q_pos = torch.arange(tq, device=q.device) + (tk - tq)  # FlashAttention aligns the last query with the last key
+        mask = _allowed(q_pos, torch.arange(tk, device=q.device), causal, window)
+    out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal and mask is None, softmax_scale)
+    return out.transpose(1, 2).contiguous()
+
+
+def _around(x, shifts, fill):
+    """(tiles, s, ...) -> (tiles, len(shifts) * s, ...): each tile's rows of the tile before (1), itself (0), after (-1)."""
+    edge = torch.full_like(x[:1], fill)
+    parts = [x if s == 0 else torch.cat([edge, x[:-1]]) if s == 1 else torch.cat([x[1:], edge]) for s in shifts]
+    return torch.cat(parts, dim=1)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                           causal=False, window_size=(-1, -1), softcap=0.0, return_attn_probs=False, **kwargs):
+    """Sequences packed back to back, (tokens, heads, dim), cu_seqlens their boundaries (the same for q and k). In
+    tiles of max_seqlen tokens: a query's keys lie in its own tile and the one before (and after, when not causal),
+    so each tile attends over 2 (3) tiles under a mask of sequence ids; padding reads only padding."""
+    _check(kwargs, softcap, return_attn_probs)
+    if cu_seqlens_k is not cu_seqlens_q and q.size(0) != k.size(0):
+        raise NotImplementedError("flash_attn_interface stand-in (SDPA): different query and key sequences")
+    window = (-1, -1) if window_size is None else tuple(int(x) for x in window_size)
+    t, h, d = q.shape
+    s = max(1, int(max(max_seqlen_q, max_seqlen_k)))
+    n = -(-t // s)
+    pos = torch.arange(n * s, device=q.device)
+    seq = torch.searchsorted(cu_seqlens_q.to(device=q.device, dtype=torch.int64), pos, right=True) - 1
+    seq = torch.where(pos < t, seq, -1).view(n, s)
+    pad = (0, 0, 0, 0, 0, n * s - t)
+    shifts = (1, 0) if causal else (1, 0, -1)
+    qt = F.pad(q, pad).view(n, s, h, d)
+    kt, vt = (_around(F.pad(x, pad).view(n, s, x.size(1), x.size(2)), shifts, 0) for x in (k, v))
+    mask = (seq[:, :, None] == _around(seq, shifts, -2)[:, None, :]) & _allowed(pos.view(n, s), _around(pos.view(n, s), shifts, 0), causal, window)
+    out = _sdpa(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), mask[:, None], False, softmax_scale)
+    return out.transpose(1, 2).reshape(n * s, h, v.size(2))[:t]
+'''.replace("@MARKER@", STANDIN_MARKER)
 
 
 # ----------------------------------------------------------------------------- output
@@ -335,15 +509,17 @@ def preset_env(preset: str, args, data: dict, dry: bool, hp_defaults: dict, over
         env["WARMDOWN_ITERS"] = str(wd)
         plan["warmdown_iters"] = wd
     env.update(overrides)
+    env["CHECKPOINT_EVERY"] = "0"  # always: no checkpoint file (LOG_DIR is the output folder)
     return env, plan
 
 
-def run_child(name: str, env: dict, out: Path, timeout: float) -> dict:
-    """Run train_gpt.py; echo its console (prefixed, torch logs condensed), keep every line with its arrival time."""
+def run_child(name: str, env: dict, out: Path, timeout: float, script: Path = ROOT / "train_gpt.py", cwd: Path = ROOT) -> dict:
+    """Run `script` (train_gpt.py, or the --peer script) in `cwd`; echo its console (prefixed, torch logs condensed),
+    keep every line with its arrival time."""
     console_path = out / f"{name}.console.txt"
     lines: list[tuple[float, str]] = []
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1,
                             start_new_session=True)
 
@@ -599,11 +775,219 @@ ASSUMPTIONS = [
 ]
 
 
+# ----------------------------------------------------------------------------- the plan
+PHASE_NAMES = dict(start="start", compile_warmup="compile+warm-up", training="training", calibration="calibration",
+                   export="export", evaluations="evaluations", after_training="export+evaluations")
+
+
+def plan_run(preset: str, hp: dict, seconds: float, val_tokens: int) -> dict:
+    """Predicted seconds of each phase of one train_gpt.py run on one H200 (COMPILE_WARMUP_S, PHASE_S)."""
+    evals = PHASE_S["eval_fixed"] + 2 * val_tokens / EVAL_TOKENS_PER_S["standard"]
+    if hp["EVAL_STRIDE"]:
+        evals += val_tokens / EVAL_TOKENS_PER_S["sliding"]
+    if hp["TTT"] != "off":
+        evals += val_tokens / EVAL_TOKENS_PER_S["ttt"]
+    return dict(start=PHASE_S["start"], compile_warmup=COMPILE_WARMUP_S.get(preset, max(COMPILE_WARMUP_S.values())),
+                training=float(seconds), calibration=PHASE_S["calibration" if hp["QUANT_METHOD"] == "gptq" else "calibration_rtn"],
+                export=PHASE_S["export"], evaluations=round(evals, 1))
+
+
+def plan_peer(seconds: float) -> dict:
+    return dict(start=PHASE_S["start"], compile_warmup=PEER_COMPILE_WARMUP_S, training=float(seconds),
+                after_training=PHASE_S["peer_after_training"])
+
+
+def make_plan(runs: dict, peer: dict | None, lease: float, max_total: float) -> dict:
+    """The whole call: each run's phases and total, the peer's, the sum, and whether it fits --lease / --max-total."""
+    parts = {name: dict(phases=ph, total=round(sum(ph.values()), 1)) for name, ph in runs.items()}
+    if peer is not None:
+        parts[PEER] = dict(phases=peer, total=round(sum(peer.values()), 1))
+    total = round(sum(p["total"] for p in parts.values()), 1)
+    return dict(runs=parts, total_s=total, lease_s=lease, max_total_s=max_total, fits_lease=total <= lease,
+                fits_max_total=total <= max_total, device="one H200")
+
+
+def plan_lines(plan: dict, peer_name: str | None = None) -> list[str]:
+    out = ["plan: predicted seconds on one H200 (constants COMPILE_WARMUP_S, PHASE_S, EVAL_TOKENS_PER_S in tools/gpu_check.py)"]
+    for name, p in plan["runs"].items():
+        ph = " + ".join(f"{PHASE_NAMES[k]} {v:.0f}" for k, v in p["phases"].items())
+        label = f"{name} ({peer_name})" if name == PEER and peer_name else name
+        out.append(f"  {label}: {ph} = {p['total']:.0f} s")
+    out.append(f"  total {plan['total_s']:.0f} s; --lease {plan['lease_s']:.0f} s: {'fits' if plan['fits_lease'] else 'OVER'}; "
+               f"--max-total {plan['max_total_s']:.0f} s: " + ("fits" if plan["fits_max_total"] else
+                                                              "over (the last runs would be cut or skipped)"))
+    return out
+
+
+# ----------------------------------------------------------------------------- the peer
+def resolve_peer(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"--peer {path}: no such file")
+    if not p.is_file():
+        raise UserError(f"--peer {path}: not a file (give the training script itself, e.g. records/.../train_gpt.py)")
+    return p.resolve()
+
+
+def peer_data_view(root: Path, data: dict, val_tokens: int) -> dict:
+    """A data folder laid out as public record scripts expect it: datasets/fineweb10B_sp<V>/ holding our training
+    shards (symbolic links, same order) as fineweb_train_*.bin and the first val_tokens validation tokens (the prefix
+    our runs score) as fineweb_val_000000.bin (and its byte sidecar, if the data has one); tokenizers/ holding a link
+    to our tokenizer as fineweb_<V>_bpe.model."""
+    import numpy as np
+    src, vocab = Path(data["path"]), data["vocab"]
+    ds, tk = root / "datasets" / f"fineweb10B_sp{vocab}", root / "tokenizers"
+    ds.mkdir(parents=True)
+    tk.mkdir()
+    train = shards(src, "train")
+    for i, f in enumerate(train):
+        (ds / f"fineweb_train_{i:06d}.bin").symlink_to(f.resolve())
+    for kind, files in (("val", [f for f in shards(src, "val") if "_val_bytes_" not in f.name]),
+                        ("val_bytes", sorted(src.glob("*_val_bytes_*.bin")))):
+        parts, n = [], 0
+        for f in files:
+            if n >= val_tokens:
+                break
+            parts.append(load_data_shard(f)[: val_tokens - n])
+            n += len(parts[-1])
+        if parts:
+            write_shard(ds / f"fineweb_{kind}_000000.bin", np.concatenate(parts))
+    tok = tk / f"fineweb_{vocab}_bpe.model"
+    tok.symlink_to(Path(data["tokenizer"]).resolve())
+    return dict(root=str(root), dataset=str(ds), tokenizer=data["tokenizer"], train_shards=len(train),
+                val_tokens=min(val_tokens, data["val_tokens"]))
+
+
+def write_standin(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "flash_attn_interface.py").write_text(FA3_STANDIN, encoding="utf-8")
+    return folder
+
+
+def peer_env(view: dict, ours: dict, seconds: float, val_tokens: int, cwd: Path) -> dict:
+    """The variables of PEER_ENV_DOC (same names, same order) from our first run's resolved settings `ours`."""
+    env = dict(DATA_PATH=view["dataset"], DATASETS_DIR=view["dataset"], DATA_DIR=view["root"],
+               TOKENIZER_PATH=view["tokenizer"], VOCAB_SIZE=str(ours["VOCAB_SIZE"]),
+               TRAIN_BATCH_TOKENS=str(ours["TRAIN_BATCH_TOKENS"]), MICRO_BATCHES=str(ours["MICRO_BATCHES"]),
+               TRAIN_SEQ_LEN=str(ours["TRAIN_SEQ_LEN"]),
+               EVAL_SEQ_LEN=str(ours["EVAL_SEQ_LEN"] or ours["TRAIN_SEQ_LEN"]), MAX_WALLCLOCK_SECONDS=str(seconds),
+               VAL_MAX_TOKENS=str(val_tokens), TRAIN_LOG_EVERY=str(ours["TRAIN_LOG_EVERY"]), VAL_LOSS_EVERY="0",
+               CHECKPOINT_EVERY="0", RUN_ID=PEER, LOG_DIR=str(cwd), ARTIFACT_DIR=str(cwd))
+    assert list(env) == [k for k, _ in PEER_ENV_DOC]
+    return env
+
+
+_PEAK_MIB = re.compile(r"peak memory allocated:\s*(\d+)\s*MiB")
+
+
+def run_timing(lines: list[tuple[float, str]], batch_tokens: int | None, log_lines=()) -> dict:
+    """Training speed of any training script from its console lines (arrival second, text), read by the shared
+    parser (tools/logparse.py: this project's logs and every public record era):
+      step_ms: average ms per step: train_time / steps of the `train_done` or `stopping_early:` line, else the last
+        step line's step_avg, else TRAIN_BATCH_TOKENS / its tok/s (`N/M train_loss: ... train_time: 3.2m tok/s: R`,
+        a running average), else its train_time / step;
+      tokens_per_s: TRAIN_BATCH_TOKENS (as the log states it, else `batch_tokens`) / step_ms;
+      compile_s: compile + warm-up, from the model_params line (else the process start) to the start of training: the
+        first step line's arrival less the training time it reports (step x batch / tok/s where the line has tok/s, as
+        `train_time: 0.0m` is too coarse);
+      logged: train_batch_tokens and train_seq_len as the run states them (console or `log_lines`, its log file's);
+      roundtrip: the last round-trip score of the quantized model (final_*roundtrip*, `quantized`, `diagnostic
+        quantized`; not a pre-quant `post_ema` line), and metric: the log's submission metric."""
+    lg = Log.from_lines([l for _, l in lines])
+    logged = {}
+    for line in [l for _, l in lines] + list(log_lines):
+        t = tokens(line)
+        for k in ("train_batch_tokens", "train_seq_len"):
+            if k in t and k not in logged and num(t[k]) is not None:
+                logged[k] = int(num(t[k]))
+    batch = logged.get("train_batch_tokens") or batch_tokens
+    points = []  # (arrival, entry, tok/s) of each training step line
+    for at, line in lines:
+        one = Log.from_lines([line]).train
+        if one:
+            points.append((at, one[0], num(tokens(line).get("tok/s"))))
+    r: dict = dict(steps=lg.steps if points or lg.train_done else None, step_ms=None, tokens_per_s=None, compile_s=None,
+                   batch_tokens=batch, logged=logged, source=None)
+    if lg.train_done and lg.step_avg_ms:
+        r["step_ms"], r["source"] = lg.step_avg_ms, "train_done"
+    elif points:
+        _, e, tps = points[-1]
+        if e["step_avg_ms"]:
+            r["step_ms"], r["source"] = e["step_avg_ms"], "step_avg"
+        elif tps and batch:
+            r["step_ms"], r["source"] = batch / tps * 1000, "tok/s"
+        elif e["time_ms"] and e["step"]:
+            r["step_ms"], r["source"] = e["time_ms"] / e["step"], "train_time"
+    if r["step_ms"]:
+        r["step_ms"] = round(r["step_ms"], 3)
+        r["tokens_per_s"] = round(batch / r["step_ms"] * 1000, 1) if batch else None
+    if points:
+        at, e, tps = points[0]
+        trained = e["step"] * batch / tps if tps and batch else (e["time_ms"] or 0) / 1000
+        t0 = next((a for a, l in lines if l.startswith("model_params")), 0.0)
+        r["compile_s"] = round(max(0.0, at - trained - t0), 2)
+        r["compile_from"] = "model_params" if t0 else "process start"
+    if "peak_mem_gib" in lg.train_done:
+        r["peak_mem_gib"] = num(lg.train_done["peak_mem_gib"])
+    elif m := next((_PEAK_MIB.search(l) for _, l in lines if _PEAK_MIB.search(l)), None):
+        r["peak_mem_gib"] = round(int(m.group(1)) / 1024, 2)
+    rt = [s for s in lg.scores if s["kind"] == "roundtrip" and re.search(r"roundtrip|quant", s["name"], re.I)]
+    r["roundtrip"] = dict(name=rt[-1]["name"], val_bpb=rt[-1]["val_bpb"], val_loss=rt[-1]["val_loss"]) if rt else None
+    m = lg.metric
+    r["metric"] = dict(name=m["name"], kind=m["kind"], val_bpb=m["val_bpb"]) if m else None
+    return r
+
+
+def ratio(a, b):
+    return round(a / b, 3) if finite(a, b) and b else None
+
+
+def peer_lines(pr: dict) -> list[str]:
+    """The peer comparison as printed: our run, the peer, and the one `peer_ratio` line (ours / peer)."""
+    def facts(t):
+        rt = (t.get("roundtrip") or {}).get("val_bpb")
+        return (f"step_ms:{fmt(t.get('step_ms'), '.1f')} tokens_per_s:{fmt(t.get('tokens_per_s'), '.0f')} "
+                f"compile_s:{fmt(t.get('compile_s'), '.1f')} roundtrip_bpb:{fmt(rt, '.4f')}")
+    if pr.get("skipped"):
+        return [f"peer {pr['script_name']}: skipped ({pr['skipped']})"]
+    q = pr["ratio"]
+    return [f"peer ours={pr['ours']['preset']}: {facts(pr['ours'])} attention:{fmt(pr['ours'].get('attention'))}",
+            f"peer {pr['script_name']}: {facts(pr['peer'])} attention:{pr['attention']}"
+            + ("" if pr["ok"] else " (FAILED)") + (" (stopped at --max-total)" if pr["timed_out"] else ""),
+            f"peer_ratio tokens_per_s:{fmt(q['tokens_per_s'])} step_ms:{fmt(q['step_ms'])} compile_s:{fmt(q['compile_s'])}"]
+
+
+# ----------------------------------------------------------------------------- large files
+def large_files(folder: Path, limit: int = LARGE_FILE_BYTES) -> list[Path]:
+    """Plain files under `folder` (links not followed) over `limit` bytes."""
+    found = []
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            p = Path(dirpath) / name
+            try:
+                if not p.is_symlink() and p.stat().st_size > limit:
+                    found.append(p)
+            except OSError:
+                pass
+    return sorted(found)
+
+
+def remove_large_files(folder: Path, limit: int = LARGE_FILE_BYTES) -> list[dict]:
+    """Delete what large_files finds; return [{file, bytes}] of what went."""
+    gone = []
+    for p in large_files(folder, limit):
+        size = p.stat().st_size
+        p.unlink(missing_ok=True)
+        gone.append(dict(file=str(p.relative_to(folder)), bytes=size))
+    return gone
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-dry-run", action="store_true", help="run the same logic on the CPU at SMOKE size (seconds)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: $OUT if set, else logs/gpu_check)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: $OUT if set, else logs/gpu_check); nothing over "
+                   f"{LARGE_FILE_BYTES:,} bytes may be in it before, and nothing that large stays in it after")
     p.add_argument("--seconds", type=float, help=f"training wall-clock per preset (default {GPU_DEFAULTS['seconds']:g}; "
                    f"dry run: a {DRY_DEFAULTS['seconds']:g} s cap on {DRY_ITERATIONS} steps)")
     p.add_argument("--data", metavar="DIR", help="shards (*_train_*.bin, *_val_*.bin); default FineWeb in data/ if "
@@ -611,19 +995,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="MODEL", help="SentencePiece model of --data (default: from its manifest.json)")
     p.add_argument("--val-tokens", type=int, help=f"validation prefix to evaluate (default {GPU_DEFAULTS['val_tokens']:,}; "
                    f"dry run {DRY_DEFAULTS['val_tokens']:,}); capped at what the split has")
-    p.add_argument("--presets", default="record,baseline", help="comma-separated train_gpt.py presets, run in this "
-                   "order on the same card (default record,baseline)")
+    p.add_argument("--presets", default="record", help="comma-separated train_gpt.py presets, run in this order on the "
+                   "same card (default record: one preset per call, as one compile takes minutes of a device lease; "
+                   "e.g. record,baseline)")
     p.add_argument("--wheels", metavar="DIR", help="install DIR/*.whl (e.g. zstandard, brotli) into a temporary folder for the runs")
     p.add_argument("--size-limit", type=int, help=f"SIZE_LIMIT_BYTES for the runs (default {GPU_DEFAULTS['size_limit']:,}: "
                    "a short run does not compress under 16,000,000 yet; the summary still reports fits_16mb. "
                    f"Dry run: {COMPETITION_LIMIT:,})")
-    p.add_argument("--max-total", type=float, help=f"stop (and skip presets) so the whole check ends within this many "
+    p.add_argument("--max-total", type=float, help=f"stop (and skip runs) so the whole check ends within this many "
                    f"seconds (default {GPU_DEFAULTS['max_total']:g}, under the device tool's 600 s per command)")
     p.add_argument("--compile", action="store_true", help="dry run only: COMPILE=1 (inductor on the CPU, minutes) to "
                    "exercise the compile and recompile checks")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra train_gpt.py variable for every run (repeatable), e.g. --env WARMUP_STEPS=5")
+                   help="extra train_gpt.py variable for every run of ours (repeatable), e.g. --env WARMUP_STEPS=5")
+    p.add_argument("--peer", metavar="SCRIPT", help="after our runs, run SCRIPT (e.g. a public record's train_gpt.py) "
+                   "on the same card, shards, global batch, sequence length and wall-clock as our first preset, with the "
+                   "same attention kernel (without FlashAttention 3: SDPA for both, the peer through a flash_attn_interface "
+                   "stand-in); prints `peer_ratio tokens_per_s:X step_ms:Y compile_s:Z` (ours / peer)")
+    p.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra variable for the peer only (repeatable), e.g. --peer-env TTT_ENABLED=0")
+    p.add_argument("--plan", action="store_true", help="print the predicted seconds of each phase and the total, check "
+                   "them against --lease, and stop without running (the plan is printed before every run too)")
+    p.add_argument("--lease", type=float, default=LEASE_S - LEASE_MARGIN_S, metavar="SECONDS",
+                   help=f"refuse (exit 2) when the plan's total exceeds this (default {LEASE_S - LEASE_MARGIN_S:g}: a "
+                   f"{LEASE_S / 60:g}-minute device lease less {LEASE_MARGIN_S:g} s for the machine's start and transfers)")
     return p
+
+
+def key_values(items: list[str], flag: str) -> dict:
+    out = {}
+    for kv in items:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise UserError(f"{flag} {kv!r}: expected KEY=VALUE")
+        out[k.upper()] = v
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -635,23 +1041,22 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, d[k])
     out = Path(args.out or os.environ.get("OUT") or ROOT / "logs" / "gpu_check").resolve()  # the children run in ROOT
-    work = site = None
+    work = site = peer = None
     try:
-        if args.seconds <= 0 or args.val_tokens <= 0 or args.size_limit <= 0:
-            raise UserError("--seconds, --val-tokens and --size-limit must be positive")
-        overrides = {}
-        for kv in args.env:
-            k, sep, v = kv.partition("=")
-            if not sep or not k:
-                raise UserError(f"--env {kv!r}: expected KEY=VALUE")
-            overrides[k.upper()] = v
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in OUT_FILES:
-                (out / name).unlink(missing_ok=True)
-            say.file = open(out / "gpu_check.txt", "w", encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot write the output folder {out}: {e.strerror}") from None
+        if args.seconds <= 0 or args.val_tokens <= 0 or args.size_limit <= 0 or args.lease <= 0:
+            raise UserError("--seconds, --val-tokens, --size-limit and --lease must be positive")
+        overrides, peer_overrides = key_values(args.env, "--env"), key_values(args.peer_env, "--peer-env")
+        if "CHECKPOINT_EVERY" in overrides:
+            raise UserError("--env CHECKPOINT_EVERY: the check's runs always use CHECKPOINT_EVERY=0 (no checkpoint files)")
+        if peer_overrides and not args.peer:
+            raise UserError("--peer-env needs --peer SCRIPT")
+        peer = resolve_peer(args.peer) if args.peer else None
+        if not args.plan and out.is_dir():
+            big = large_files(out)
+            if big:
+                raise UserError(f"--out {out} already holds {len(big)} file(s) over {LARGE_FILE_BYTES:,} bytes "
+                                 f"({', '.join(p.name for p in big[:3])}); this check leaves nothing that large in its "
+                                 "output: move them or choose another folder")
         site = install_wheels(args.wheels) if args.wheels else None
         if site is not None:
             sys.path.insert(0, str(site))
@@ -668,6 +1073,33 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [k for k in overrides if k not in hp_defaults]
         if unknown:
             raise UserError(f"--env {', '.join(unknown)}: not a train_gpt.py variable")
+        fa3 = importlib.util.find_spec("flash_attn_interface") is not None
+        standin = peer is not None and (dry or not fa3)  # on the CPU no FlashAttention runs: the stand-in always
+        run_overrides = dict(overrides)
+        if standin and "ATTN" not in overrides:
+            run_overrides["ATTN"] = "sdpa"  # the peer runs SDPA through the stand-in: ours too (not FlexAttention)
+        data = resolve_data(args)
+        args.val_tokens_used = min(args.val_tokens, data["val_tokens"])
+        runs = {}
+        for preset in presets:
+            env, plan = preset_env(preset, args, data, dry, hp_defaults | T.PRESETS[preset], run_overrides)
+            try:
+                runs[preset] = dict(env=env, plan=plan, hp=T.parse_hparams(env))
+            except T.UserError as e:
+                raise UserError(f"--env: {e}") from None
+        the_plan = make_plan({k: plan_run(k, r["hp"], args.seconds, args.val_tokens_used) for k, r in runs.items()},
+                             plan_peer(args.seconds) if peer else None, args.lease, args.max_total)
+        shown = plan_lines(the_plan, peer.name if peer else None)
+        for line in shown:
+            say(line)
+        if not the_plan["fits_lease"]:
+            each = ", ".join(f"{k} {v['total']:.0f} s" for k, v in the_plan["runs"].items())
+            raise UserError(f"the plan needs {the_plan['total_s']:.0f} s on one H200 ({each}) but --lease is "
+                             f"{args.lease:g} s: run fewer presets, shorten --seconds, or raise --lease")
+        if args.plan:
+            if site is not None:
+                shutil.rmtree(site, ignore_errors=True)
+            return 0
         if dry:
             gpu = None
         else:
@@ -675,43 +1107,66 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"no CUDA device visible to torch {torch.__version__} ({sys.executable}); run on the GPU "
                                  "machine, or use --cpu-dry-run to test this script's logic on the CPU")
             gpu = gpu_probe(torch)
-        data = resolve_data(args)
-        args.val_tokens_used = min(args.val_tokens, data["val_tokens"])
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in OUT_FILES + (f"{PEER}.txt", f"{PEER}.console.txt"):
+                (out / name).unlink(missing_ok=True)
+            say.file = open(out / "gpu_check.txt", "w", encoding="utf-8")
+            say.file.write("\n".join(shown) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write the output folder {out}: {e.strerror}") from None
         work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         base_env = child_base_env(site, dry, hparam_names)
+        base_env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")  # one compile cache for every run of this call
+        view = standin_dir = None
+        if peer is not None:
+            try:
+                view = peer_data_view(work / "peer_data", data, args.val_tokens_used)
+            except OSError as e:
+                raise UserError(f"cannot build the peer's data folder in {work}: {e.strerror or e}") from None
+            standin_dir = write_standin(work / "fa3_standin") if standin else None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if say.file:
             say.file.write(f"error: {e}\n")
-        if site is not None:
-            shutil.rmtree(site, ignore_errors=True)
+        for d in (work, site):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
         return 2
 
     summary = dict(
         version=1, mode="cpu-dry-run" if dry else "gpu", ok=False, partial=True,
         host=dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda, executable=sys.executable,
-                  wheels_site=str(site) if site else None, gpu=gpu),
+                  wheels_site=str(site) if site else None, gpu=gpu, fa3_importable=fa3),
         data=data["label"], data_info=dict(data, val_tokens_used=args.val_tokens_used),
         settings=dict(seconds=args.seconds, val_tokens=args.val_tokens_used, size_limit=args.size_limit,
-                      presets=presets, env_overrides=overrides, max_total_s=args.max_total,
+                      presets=presets, env_overrides=overrides, max_total_s=args.max_total, lease_s=args.lease,
+                      checkpoint_every=0, inductor_cache="one temporary folder for every run of the call, deleted after",
+                      attention_set_for_peer=run_overrides.get("ATTN") if "ATTN" not in overrides else None,
+                      peer=str(peer) if peer else None, peer_env_overrides=peer_overrides,
                       expected_step_ms_1gpu=None if dry else {k: EXPECTED_STEP_MS[k] for k in presets if k in EXPECTED_STEP_MS}),
-        runs={}, extrapolation=dict(assumptions=ASSUMPTIONS, n_gpus=N_GPUS, train_budget_s=TRAIN_BUDGET_S,
-                                    eval_budget_s=EVAL_BUDGET_S),
-        checks={}, failures=[], out=str(out),
+        plan=the_plan, runs={}, peer=None,
+        extrapolation=dict(assumptions=ASSUMPTIONS, n_gpus=N_GPUS, train_budget_s=TRAIN_BUDGET_S, eval_budget_s=EVAL_BUDGET_S),
+        checks={}, failures=[], removed_large_files=[], out=str(out),
     )
     say(f"gpu_check: {summary['mode']} on {gpu['device'] if gpu else 'cpu'}, torch {torch.__version__}, "
         f"data {data['label']} ({data['path']}: {data['train_tokens']:,} train / {data['val_tokens']:,} val tokens, "
-        f"using {args.val_tokens_used:,}), presets {','.join(presets)}, {args.seconds:g} s each, out {out}")
+        f"using {args.val_tokens_used:,}), presets {','.join(presets)}, {args.seconds:g} s each, out {out}"
+        + (f", peer {peer}" if peer else ""))
     if gpu:
         say(f"gpu: {json.dumps(gpu)}")
+    if summary["settings"]["attention_set_for_peer"]:
+        say("attention: ATTN=sdpa for our runs, as the peer runs SDPA through the flash_attn_interface stand-in")
     deadline = t_start + args.max_total
     overhead = None
+    lines_of = {}  # preset -> its console lines (arrival, text), for the peer comparison
     try:
         for preset in presets:
-            env, plan = preset_env(preset, args, data, dry, hp_defaults | T.PRESETS[preset], overrides)
+            env, plan = runs[preset]["env"], runs[preset]["plan"]
             remaining = deadline - time.monotonic()
-            # training + the fixed part (start, compile, warm-up, evals, export) of the previous run, or a guess
-            need = 10 if dry else args.seconds + (overhead if overhead is not None else 150)
+            # training + the fixed part (start, compile, warm-up, evals, export) of the previous run, or the plan's
+            need = 10 if dry else args.seconds + (overhead if overhead is not None else
+                                                  the_plan["runs"][preset]["total"] - args.seconds)
             if remaining < need:
                 msg = f"{preset}: skipped, {remaining:.0f} s left of --max-total {args.max_total:g} (needs > {need:.0f} s)"
                 say(msg)
@@ -723,6 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
             env.update(LOG_DIR=str(out), RUN_ID=preset, ARTIFACT=str(work / f"{preset}.ptz"))
             say(f"--- {preset}: " + " ".join(f"{k}={v}" for k, v in env.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "LOG_DIR", "ARTIFACT")))
             child = run_child(preset, base_env | env, out, remaining - 15)
+            lines_of[preset] = child["lines"]
             p = parse_log(run_log(str(out / f"{preset}.txt"), [l for _, l in child["lines"]]), hparam_names)
             p["recompiles"] = sum(RECOMPILE in l for _, l in child["lines"])  # torch logs go to the console only
             r = analyze(preset, child, p, plan, dry, hp_defaults, env)
@@ -736,13 +1192,20 @@ def main(argv: list[str] | None = None) -> int:
                 summary["checks"][f"{preset}.{k}"] = v
             if not r["ok"]:
                 why = "timed out (--max-total)" if child["timed_out"] else f"exit status {child['rc']}"
-                last = (p["errors"] or [l for _, l in child["lines"] if l.strip() and not any(t in l for t in TORCH_LOG_TAGS)] or ["(no output)"])[-1]
-                msg = f"{preset} run failed ({why}): {last.strip()[:300]}"
-                say(f"error: {msg}")
-                say(f"  last lines of {out / (preset + '.console.txt')}:")
-                for _, l in [x for x in child["lines"] if not any(t in x[1] for t in TORCH_LOG_TAGS)][-15:]:
-                    say(f"    {l}")
-                summary["failures"].append(msg)
+                summary["failures"].append(child_failed(preset, why, child, p["errors"], out))
+            write_summary(out, summary)
+        if peer is not None:
+            ours = next((k for k in presets if summary["runs"][k].get("ok")), None)
+            pr = dict(script=str(peer), script_name=peer.name, skipped=None)
+            if ours is None:
+                pr["skipped"] = "no run of ours succeeded, nothing to compare with"
+            else:
+                pr = run_peer(peer, args, dry, ours, runs[ours]["hp"], summary["runs"][ours], lines_of[ours], view,
+                              standin_dir, base_env, peer_overrides, work, out, deadline)
+            summary["peer"] = pr
+            if pr.get("skipped"):
+                summary["failures"].append(f"peer {peer.name}: skipped ({pr['skipped']})")
+            summary["failures"] += pr.get("failures", [])
             write_summary(out, summary)
     except KeyboardInterrupt:
         summary["failures"].append("interrupted")
@@ -750,6 +1213,9 @@ def main(argv: list[str] | None = None) -> int:
         for d in (work, site):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
+    summary["removed_large_files"] = remove_large_files(out)
+    for f in summary["removed_large_files"]:
+        say(f"removed {out / f['file']} ({f['bytes']:,} bytes): nothing over {LARGE_FILE_BYTES:,} bytes stays in --out")
     failed = [k for k, v in summary["checks"].items() if v is False]
     summary["failures"] += [f"check failed: {k}" for k in failed]
     if {"record", "baseline"} <= summary["runs"].keys():
@@ -762,6 +1228,78 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(out, summary)
     report(summary)
     return 0 if summary["ok"] else 1
+
+
+def child_failed(name: str, why: str, child: dict, errors: list[str], out: Path) -> str:
+    """Say that a child run failed, with its last lines; return the failure message."""
+    last = (errors or [l for _, l in child["lines"] if l.strip() and not any(t in l for t in TORCH_LOG_TAGS)] or ["(no output)"])[-1]
+    msg = f"{name} run failed ({why}): {last.strip()[:300]}"
+    say(f"error: {msg}")
+    say(f"  last lines of {out / (name + '.console.txt')}:")
+    for _, l in [x for x in child["lines"] if not any(t in x[1] for t in TORCH_LOG_TAGS)][-15:]:
+        say(f"    {l}")
+    return msg
+
+
+def run_peer(peer: Path, args, dry: bool, ours: str, ours_hp: dict, ours_run: dict, ours_lines, view: dict,
+             standin_dir: Path | None, base_env: dict, peer_overrides: dict, work: Path, out: Path, deadline: float) -> dict:
+    """Run the --peer script as a child (cwd: a temporary folder), then compare its speed with our run `ours`."""
+    pr = dict(script=str(peer), script_name=peer.name, ok=False, skipped=None, exit_code=None, timed_out=False,
+              wall_s=None, standin=standin_dir is not None, standin_imported=False, attention=None, env={},
+              extra_env=peer_overrides, data={k: view[k] for k in ("train_shards", "val_tokens")}, ours={}, peer={},
+              ratio=dict(tokens_per_s=None, step_ms=None, compile_s=None), same_global_batch=None, same_seq_len=None,
+              failures=[])
+    remaining = deadline - time.monotonic()
+    need = DRY_PEER_NEED_S if dry else PHASE_S["start"] + PEER_COMPILE_WARMUP_S + args.seconds
+    if remaining < need:
+        pr["skipped"] = f"{remaining:.0f} s left of --max-total {args.max_total:g}, needs > {need:.0f} s"
+        return pr
+    cwd = work / "peer_run"
+    cwd.mkdir()
+    env = peer_env(view, ours_hp, args.seconds, args.val_tokens_used, cwd)
+    pr["env"] = dict(env)
+    full = dict(base_env) | (DRY_ENV if dry else {}) | env | peer_overrides
+    if standin_dir is not None:
+        full["PYTHONPATH"] = os.pathsep.join([str(standin_dir)] + ([full["PYTHONPATH"]] if full.get("PYTHONPATH") else []))
+    say(f"--- {PEER}: {peer} " + " ".join(f"{k}={v}" for k, v in env.items() if k not in ("DATA_DIR", "LOG_DIR", "ARTIFACT_DIR"))
+        + "".join(f" {k}={v}" for k, v in peer_overrides.items()))
+    child = run_child(PEER, full, out, remaining - 15, script=peer, cwd=cwd)
+    log_lines = []
+    for log in (cwd / f"{PEER}.txt", cwd / "logs" / f"{PEER}.txt"):  # this project's LOG_DIR, public records' logs/
+        if log.is_file() and log.stat().st_size <= LARGE_FILE_BYTES:
+            shutil.copyfile(log, out / f"{PEER}.txt")
+            log_lines = run_log(str(log)).lines
+            break
+    texts = [l for _, l in child["lines"]]
+    pr.update(exit_code=child["rc"], timed_out=child["timed_out"], wall_s=round(child["wall_s"], 2),
+              standin_imported=any(STANDIN_MARKER in l for l in texts))
+    if standin_dir is not None:
+        pr["attention"] = ("SDPA through the flash_attn_interface stand-in (" +
+                           ("dry run on the CPU" if dry else "FlashAttention 3 is not importable here") + ")"
+                           if pr["standin_imported"] else "its own (it did not import flash_attn_interface)")
+    else:
+        pr["attention"] = "FlashAttention 3 (flash_attn_interface as installed)"
+    pr["ours"] = dict(preset=ours, attention=ours_run.get("attention"),
+                      **run_timing(ours_lines, ours_hp["TRAIN_BATCH_TOKENS"], run_log(str(out / f"{ours}.txt")).lines))
+    pr["peer"] = run_timing(child["lines"], ours_hp["TRAIN_BATCH_TOKENS"], log_lines)
+    a, b = pr["ours"], pr["peer"]
+    pr["ratio"] = {k: ratio(a[k], b[k]) for k in ("tokens_per_s", "step_ms", "compile_s")}
+    logged = b["logged"]
+    if "train_batch_tokens" in logged:
+        pr["same_global_batch"] = logged["train_batch_tokens"] == ours_hp["TRAIN_BATCH_TOKENS"]
+    if "train_seq_len" in logged:
+        pr["same_seq_len"] = logged["train_seq_len"] == ours_hp["TRAIN_SEQ_LEN"]
+    for k, same in (("train_batch_tokens", pr["same_global_batch"]), ("train_seq_len", pr["same_seq_len"])):
+        if same is False:
+            pr["failures"].append(f"peer {peer.name}: its log says {k}:{logged[k]}, ours is {ours_hp[k.upper()]} "
+                                  f"(it does not read {k.upper()}): the comparison is not like for like")
+    pr["ok"] = b["step_ms"] is not None and (child["rc"] == 0 or child["timed_out"])
+    if not pr["ok"]:
+        why = "timed out (--max-total)" if child["timed_out"] else f"exit status {child['rc']}"
+        if child["rc"] == 0:
+            why = "no training step line it could read"
+        pr["failures"].append(child_failed(PEER, why, child, [], out))
+    return pr
 
 
 def write_summary(out: Path, summary: dict) -> None:
@@ -810,6 +1348,9 @@ def report(s: dict) -> None:
                 line += f"; sliding eval of the full FineWeb val ~{e['sliding_fineweb_val_s_8gpu']} s"
             if "ttt_fineweb_val_s_8gpu" in e:
                 line += f"; TTT={e['ttt_protocol']} ~{e['ttt_fineweb_val_s_8gpu']} s (+ its all-reduces)"
+            say(line)
+    if s.get("peer"):
+        for line in peer_lines(s["peer"]):
             say(line)
     bad = [k for k, v in s["checks"].items() if v is False]
     say(f"checks: {sum(v is True for v in s['checks'].values())} passed, {len(bad)} failed"
