@@ -67,7 +67,7 @@ HPARAMS = [
     ("COMPILE", -1, "torch.compile the model: 1 on, 0 off, -1 on for CUDA only"),
     ("FUSED_CE", 0, "1: training's softcapped cross-entropy chunk by chunk, logits recomputed in the backward pass instead of kept (memory)"),
     ("ATTN", "auto", "attention kernel: fa3 (FlashAttention 3), flex (FlexAttention: fused causal and document masks), sdpa; auto: fa3 if installed, else flex, on CUDA; sdpa on CPU"),
-    ("AUTOCAST", "auto", "bf16: autocast, Newton-Schulz and its all-reduce in bf16 (the GPU path, also on CPU); off: fp32; auto: bf16 on CUDA only"),
+    ("AUTOCAST", "auto", "bf16: autocast, Newton-Schulz and its all-gather in bf16 (the GPU path, also on CPU); off: fp32; auto: bf16 on CUDA only"),
     ("CHECKPOINT_EVERY", "600s", "write LOG_DIR/RUN_ID.ckpt every N steps, or every N seconds of training with a trailing s (0 = only on SIGTERM/SIGINT)"),
     ("RESUME", "", "auto: continue from LOG_DIR/RUN_ID.ckpt if present (needs RUN_ID); or a checkpoint path; '' = start at step 0"),
     # model
@@ -1436,9 +1436,9 @@ def newton_schulz(g: Tensor, steps: int, kind: str = "quintic", dtype=torch.floa
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized by Newton-Schulz, scaled by sqrt(max(1, rows/cols)), decoupled weight decay.
-    Rank r orthogonalizes matrices r, r+W, ... (MUON_BATCHED: those of one shape in one batched call); the updates
-    meet in one all-reduce of a flat buffer in which every slot is written by exactly one rank (x + 0 + ... = x),
-    so every rank applies bit-identical updates."""
+    Rank r orthogonalizes matrices r, r+W, ... (MUON_BATCHED: those of one shape in one batched call) into its shard
+    of a flat buffer; one all-gather of the shards (half the bytes of an all-reduce) gives every rank every update,
+    bit for bit."""
 
     def __init__(self, params, *, lr, momentum, steps, wd, rank=0, world=1, ns="quintic", row_norm=False, dtype=torch.float32,
                  batched=False):
@@ -1447,13 +1447,19 @@ class Muon(torch.optim.Optimizer):
         self.rank, self.world, self.dtype = rank, world, dtype  # dtype: Newton-Schulz and the all-reduced buffer
 
     def _flat(self, group):
-        """One update buffer per group (NS dtype, all-reduced) and its fp32 views per parameter, built once."""
+        """One update buffer per group (NS dtype, all-gathered): one equal-sized shard per rank holding the matrices
+        it owns, padded; its views per parameter and their fp32 copies', built once."""
         if "flat" not in group:
-            ps = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in ps), dtype=self.dtype, device=ps[0].device)
+            ps, W = group["params"], self.world
+            size = max(sum(p.numel() for p in ps[r::W]) for r in range(W))
+            flat = torch.zeros(W * size, dtype=self.dtype, device=ps[0].device)
             full = flat if flat.dtype == ps[0].dtype else torch.zeros_like(flat, dtype=ps[0].dtype)
-            offs = np.cumsum([0] + [p.numel() for p in ps]).tolist()
-            group["flat"], group["full"] = flat, full
+            offs = [0] * len(ps)
+            for r in range(W):
+                o = r * size
+                for i in range(r, len(ps), W):
+                    offs[i], o = o, o + ps[i].numel()
+            group["flat"], group["full"], group["shard"] = flat, full, size
             group["views"] = [flat[o:o + p.numel()].view_as(p) for o, p in zip(offs, ps)]
             group["full_views"] = [full[o:o + p.numel()].view_as(p) for o, p in zip(offs, ps)]
         return group["flat"], group["full"], group["views"], group["full_views"]
@@ -1469,7 +1475,6 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-            flat.zero_()
             if group["row_norm"]:  # MuonEq-R
                 nesterov = [g / g.norm(dim=1, keepdim=True).clamp_min(1e-7) for g in nesterov]
             todo = list(zip(range(self.rank, len(ps), self.world), nesterov))
@@ -1483,7 +1488,8 @@ class Muon(torch.optim.Optimizer):
                 for k, (i, _) in enumerate(items):
                     views[i].copy_(out[k] if group["batched"] else out)
             if self.world > 1:
-                dist.all_reduce(flat)
+                n = group["shard"]
+                dist.all_gather_into_tensor(flat, flat[self.rank * n:(self.rank + 1) * n])
             if full is not flat:
                 full.copy_(flat)
             if group["wd"]:

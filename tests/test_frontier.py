@@ -372,6 +372,12 @@ def test_the_top_preset_has_the_1_0611_records_parameter_count_and_settings():
                   for p in ("frontier", "top")]
     assert counts == [35_943_512, 35_945_671 - 8 * 6]
     hp = T.resolve_config({"PRESET": "top", "VOCAB_SIZE": "8192"})
+    with torch.device("meta"):
+        top = T.GPT(hp.arch)
+    order = top.orders[-1]  # the record logs encoder [0, 1, 2, 3, 4, 5, 3, 4] and decoder [5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert (order[:len(order) // 2], order[len(order) // 2:]) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert T.loop_starts(hp) == [0.35, 0.35] and len(top.orders) == 3  # both extra passes switch on together
+    assert [b.lanes for b in top.blocks] == [False] * 8 + [True] * 3
     model = T.GPT(T.Config(hp | {"NUM_LAYERS": 2, "LOOP_LAYERS": "", "PARALLEL_FROM": -1, "PARALLEL_LANES": 0}), embed_bits=7)
     model.set_qat(hp)
     assert [m.qspec for m in (model.blocks[0].mlp.fc, model.blocks[1].attn.q, model.tok_emb)] == [

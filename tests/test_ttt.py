@@ -192,6 +192,20 @@ def test_doc_phases_train_the_base_on_every_document_scored_so_far(val, luts, mo
     assert_causal(lambda w: doc_scores(hp, w, luts)[0], v, ref, (cut[0] - 1, cut[0], cut[0] + 1, 450, cut[1], 700), seed=3)
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_ttt_sgd_clips_the_gradient_norm_and_follows_its_cosine(val, luts, clip):
+    """TTT_GRAD_CLIP: each SGD step sees a gradient of global norm at most the clip (none with 0), at TTT_LR
+    cosine-decayed to t."""
+    hp = ttt_hp(TTT_GRAD_CLIP=clip, TTT_EPOCHS=1)
+    model, seen = noisy_model(hp), []
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt.step = lambda: seen.append((opt.param_groups[0]["lr"], float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())))
+    T.ttt_sgd(hp, T.Context(), model, opt, val[:600], 1, 500, t=0.5)
+    (lr, norm), = seen
+    assert lr == pytest.approx(0.05 * 0.5), lr
+    assert norm == pytest.approx(clip, rel=1e-3) if clip else norm > 0.05, norm  # (float32 norms differ by ~1e-4)
+
+
 def test_output_head_adapter_adds_a_scaled_low_rank_term_to_the_logits(val, luts):
     """TTT_LORA_HEAD: the logits gain TTT_LORA_SCALE * (h A^T) B^T per batch row (h = the final norm's output), the
     same in the fused cross-entropy's setting; with it TTT=doc scores each target once and learns more."""
