@@ -2299,7 +2299,12 @@ def export(hp: Config, ctx: Context, model: GPT, hessians: dict, code_bytes: int
 def read_artifact(path: str) -> tuple[dict, list[dict], int]:
     """(metadata, entries, file bytes) of the artifact at `path`, verified."""
     blob = read_file(path, "artifact")
-    return *unpack_artifact(blob, path), len(blob)
+    meta, entries = unpack_artifact(blob, path)
+    missing = [k for k in ARCH_KEYS + ["LOOP_ACTIVE"] if k not in meta["config"]]
+    if missing:
+        raise UserError(f"{path} was written by an older train_gpt.py (its configuration lacks {', '.join(missing)}): "
+                        f"score it with the train_gpt.py that wrote it (the top of its log), or re-export")
+    return meta, entries, len(blob)
 
 
 def load_artifact_model(path: str, device, attn: str = "sdpa") -> tuple[GPT, dict, int]:

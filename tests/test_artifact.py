@@ -120,6 +120,16 @@ def test_damage_in_any_group_or_truncation_at_any_boundary_is_refused_in_one_lin
         T.unpack_artifact(forged, "x.ptz")
 
 
+def test_an_artifact_without_a_setting_of_this_version_names_the_script_to_use(tmp_path):
+    """Format 4 from before a switch existed (its configuration lacks the key): one line, not a KeyError."""
+    model, entries = with_lqer()
+    cfg = {k: v for k, v in model.stored_config().items() if k != "PARALLEL_LANES"}
+    path = tmp_path / "old.ptz"
+    path.write_bytes(T.pack_artifact(entries, cfg))
+    with pytest.raises(UserError, match=r"written by an older train_gpt.py \(its configuration lacks PARALLEL_LANES\)"):
+        T.read_artifact(str(path))
+
+
 def test_an_older_format_names_the_script_to_use():
     old = b"PGOLFQZ\x01" + b"\x28\xb5\x2f\xfd" + bytes(64)  # format 3: magic ending in 1, then one zstd frame
     with pytest.raises(T.UserError, match=r"x.ptz has artifact format 3; this train_gpt.py reads format 4: score it "
