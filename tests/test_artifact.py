@@ -126,7 +126,7 @@ def test_an_artifact_without_a_setting_of_this_version_names_the_script_to_use(t
     cfg = {k: v for k, v in model.stored_config().items() if k != "PARALLEL_LANES"}
     path = tmp_path / "old.ptz"
     path.write_bytes(T.pack_artifact(entries, cfg))
-    with pytest.raises(UserError, match=r"written by an older train_gpt.py \(its configuration lacks PARALLEL_LANES\)"):
+    with pytest.raises(T.UserError, match=r"written by an older train_gpt.py \(its configuration lacks PARALLEL_LANES\)"):
         T.read_artifact(str(path))
 
 
