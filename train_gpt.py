@@ -1185,7 +1185,7 @@ class GPT(nn.Module):
         self.arch = {k: arch[k] for k in ARCH_KEYS}
         self.sw = Switches(doc_mask=bool(arch["DOC_MASK"]))
         self.attn_kernel, self.fused_ce = "sdpa", False  # how to compute, set by whoever runs the model (build_model)
-        self.head_lora: tuple[Tensor, Tensor, float] | None = None  # TTT_LORA_HEAD: an adapter on the logits
+        self.lora: tuple[Tensor, Tensor, float] | None = None  # TTT_LORA_HEAD: the adapter on the logits (QLinear.lora's form)
         V, dim, L = arch["VOCAB_SIZE"], arch["MODEL_DIM"], arch["NUM_LAYERS"]
         kv_dim = arch["NUM_KV_HEADS"] * (dim // arch["NUM_HEADS"])
         self.tok_emb = QEmbedding(V, dim, std=0.005, bits=embed_bits)
@@ -1305,11 +1305,11 @@ class GPT(nn.Module):
                 skips.append(x)
         x = 0.5 * (x[0] + x[1]) if isinstance(x, tuple) else x
         cap, h = self.arch["LOGIT_SOFTCAP"], self.final_norm(x)
-        if self.fused_ce and torch.is_grad_enabled() and self.head_lora is None:  # training and TTT's SGD: the chunked form
+        if self.fused_ce and torch.is_grad_enabled() and self.lora is None:  # training and TTT's SGD: the chunked form
             loss = SoftcapCE.apply(h.reshape(B * T, -1), w_emb, targets.reshape(-1), cap)
             return loss.view(B, T) if per_token else loss.mean()
         logits = F.linear(h, w_emb.to(x.dtype))
-        logits = cap * torch.tanh((logits if self.head_lora is None else logits + lora_out(h, self.head_lora)).float() / cap)
+        logits = cap * torch.tanh((logits if self.lora is None else logits + lora_out(h, self.lora)).float() / cap)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), reduction="none" if per_token else "mean")
         return loss.view(B, T) if per_token else loss
 
@@ -1852,13 +1852,13 @@ def train(hp: Config, ctx: Context, val: Validation, run_id: str) -> TrainState:
 
 # ----------------------------------------------------------------------------- calibration
 # GPTQ's input Hessians, from the training batches that follow the loop, inside the wall-clock cap.
-@torch.no_grad()
 def tree_sum(ts: list[Tensor]) -> Tensor:
     """Sum as a midpoint tree: a rank's contiguous share of the leaves is a subtree, so one all-reduce over 2 ranks
     completes the same tree as 1 rank alone, bit for bit."""
     return ts[0] if len(ts) == 1 else tree_sum(ts[:len(ts) // 2]) + tree_sum(ts[len(ts) // 2:])
 
 
+@torch.no_grad()
 def collect_hessians(hp: Config, ctx: Context, model: GPT, loader, budget_ms: float | None) -> tuple[dict, int, float]:
     """GPTQ calibration: H = sum of X^T X over the inputs of every matrix that ships quantized (for the tied
     embedding, the final-norm output: it is also the output layer), from up to GPTQ_CALIB_BATCHES further training
@@ -2413,10 +2413,9 @@ def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor |
     docs, P = list(zip(starts, starts[1:] + [n - 1])), hp["TTT_DOC_PHASES"]  # document = targets start+1..end
     cuts = [min(hp["TTT_PREFIX_DOCS"], len(docs)) * (p + 1) // P for p in range(P)]
     phases = [docs[i:j] for i, j in zip([0] + cuts, cuts + [len(docs)])]  # P prefix phases, then the rest
-    targets = [m for _, m in model.linears()] + ([model] if hp["TTT_LORA_HEAD"] else [])
+    targets = [m for _, m in model.linears()] + ([model] if hp["TTT_LORA_HEAD"] else [])  # each gets a .lora
     g = torch.Generator().manual_seed(hp["SEED"])  # one A for every document, on any rank
-    dims = [(m.weight.size(1), m.weight.size(0)) if m is not model else (model.tok_emb.weight.size(1), model.tok_emb.weight.size(0))
-            for m in targets]
+    dims = [(model.tok_emb if m is model else m).weight.shape[::-1] for m in targets]  # (in, out); the head: the tied table
     a0 = [(torch.randn(r, d, generator=g) / math.sqrt(d)).to(device) for d, _ in dims]
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for ph, phase in enumerate(phases):
@@ -2431,7 +2430,7 @@ def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor |
             for m, a, (_, d_out) in zip(targets, a0, dims):  # B = 0: each adapter starts as the identity
                 lora = (a.expand(nb, -1, -1).clone().requires_grad_(), torch.zeros(nb, d_out, r, device=device, requires_grad=True))
                 adapters += lora
-                setattr(m, "head_lora" if m is model else "lora", (*lora, hp["TTT_LORA_SCALE"]))
+                m.lora = (*lora, hp["TTT_LORA_SCALE"])
             opt = torch.optim.AdamW(adapters, lr=hp["TTT_LORA_LR"], betas=tuple(num_list(hp, "TTT_LORA_BETAS", float)),
                                     weight_decay=hp["TTT_LORA_WD"])
             for k in range(-(-int((e - s0).max()) // c)):
@@ -2451,7 +2450,7 @@ def ttt_doc(hp: Config, ctx: Context, model: GPT, val: Validation, out: Tensor |
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         for m in targets:
-            setattr(m, "head_lora" if m is model else "lora", None)
+            m.lora = None
         model.requires_grad_(True)
         model.switch(doc_mask=doc_mask)
         if ph < P and phase and any(phases[ph + 1:]):  # every rank has scored its share: SGD on all documents so far

@@ -132,8 +132,10 @@ def test_calibration_collects_the_inputs_of_every_quantized_matrix(sample_data):
     torch.manual_seed(0)
     model = T.GPT(hp)
     loader = T.DistributedTokenLoader(T.shard_files(hp, "train"), 0, 1, torch.device("cpu"))
+    grad_on = []
+    model.final_norm.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
     H, batches, ms = T.collect_hessians(hp, T.Context(), model, loader, None)
-    assert batches == 2 and ms > 0
+    assert batches == 2 and ms > 0 and grad_on == [False] * 2 * hp["MICRO_BATCHES"]  # no autograd graph is built
     assert loader.stream.pos == 2 * hp["TRAIN_BATCH_TOKENS"], "it reads the next training batches, nothing else"
     expect = {n for n, p in model.state_dict().items() if n in T.quant_kinds(model) and p.numel() > hp["QUANT_MIN_NUMEL"]}
     expect -= {"bigram.weight", "ve.weight"}  # looked-up tables: no inputs, RTN

@@ -215,13 +215,13 @@ def test_output_head_adapter_adds_a_scaled_low_rank_term_to_the_logits(val, luts
     model.final_norm.register_forward_hook(lambda m, a, o: h.setdefault("h", o))
     base = model(x[:, :-1], x[:, 1:], per_token=True)
     a, b = torch.randn(2, 4, 128), torch.randn(2, 1024, 4) * 0.1
-    model.head_lora = (a, b, 1.8)
+    model.lora = (a, b, 1.8)
     got = model(x[:, :-1], x[:, 1:], per_token=True)
     logits = F.linear(h["h"], model.tok_emb.weight) + 1.8 * (h["h"] @ a.transpose(1, 2)) @ b.transpose(1, 2)
     want = F.cross_entropy((30 * torch.tanh(logits / 30)).flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(2, -1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, base)
-    model.head_lora = None
+    model.lora = None
     v = val[:700]
     plain, (loss0, _, n0) = doc_scores(hp, v, luts)
     head, (loss1, _, n1) = doc_scores(doc_hp(TTT_LORA_HEAD=1), v, luts)
